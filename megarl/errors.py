@@ -1,0 +1,24 @@
+"""User-facing errors.
+
+A `UserError` is a mistake in what the user asked for (a config key, a value, a file): the CLI
+prints its one-line message and exits with status 2, never a traceback. Everything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A one-line, actionable error about user input."""
+
+
+class ConfigError(UserError):
+    """A config field is unknown, of the wrong type or out of range.
+
+    The message names the field, the value given and what is allowed, e.g.
+    ``algo.eps_low=1.5: must be in [0, 1)``.
+    """
+
+    def __init__(self, field: str, value: object, allowed: str) -> None:
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(f"{field}={value!r}: {allowed}")
