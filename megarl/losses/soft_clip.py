@@ -1,0 +1,109 @@
+"""Soft clipping: the gradient outside the trust region is reweighted, not zeroed.
+
+Each objective is given by its log-prob gradient weight F (seed 002 Eqs. 2-10; d loss/d log pi
+= -A F) and implemented with the log-space surrogate -A exp(log pi - sg(log pi) + sg(log F))
+(value -A F), except CISPO, which keeps MiniMax-M1's own form -sg(clip(w)) A log pi.
+
+    CISPO   F = clip(w, 1-eps_low, 1+eps_high)                  every token, both signs
+    GPPO    F = 1-eps_low on LN, 1+eps_high on HP, w elsewhere   (CE-GPPO with beta1=beta2=1)
+    CE-GPPO F = beta1 (1-eps_low) on LN, beta2 (1+eps_high) on HP, w elsewhere
+    DGPO    F = w^(n+1) / (1-eps_low)^n on LN,
+              (1+eps_high)^(1/m) w^(1-1/m) on HP, w elsewhere (no dual clip)
+            i.e. probability-space weights C_left pi^n and C_right pi^(-1/m) (Eqs. 9-10, 20, 23),
+            computed in log space so that log pi_old = -80 stays finite.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from megarl.losses.batch import LossBatch, LossTerms, RegionBounds, sg, weighted_log_prob_term
+from megarl.losses.registry import Hyper, eps_high, eps_low, register_policy_loss
+
+
+def regions(b: LossBatch, eps_low: float, eps_high: float) -> tuple[Tensor, Tensor]:
+    """Masks of the two boundary regions that soft clipping reweights: (LN, HP)."""
+    log_ratio = b.log_ratio.detach()
+    ln = b.negative & (log_ratio < math.log1p(-eps_low))
+    hp = b.positive & (log_ratio > math.log1p(eps_high))
+    return ln, hp
+
+
+def soft_clip_terms(b: LossBatch, log_weight: Tensor, eps_low: float, eps_high: float,
+                    metrics: dict[str, Tensor] | None = None) -> LossTerms:
+    """-A F through the log-space surrogate, for a given log F."""
+    loss = -b.advantages * weighted_log_prob_term(b.log_prob, log_weight)
+    return LossTerms(loss, b.ratio, RegionBounds.from_eps(eps_low, eps_high), metrics or {})
+
+
+def cispo(b: LossBatch, eps_low: float, eps_high: float) -> LossTerms:
+    """CISPO (MiniMax-M1): REINFORCE with a clipped, stop-gradient IS weight."""
+    weight = sg(b.ratio).clamp(1.0 - eps_low, 1.0 + eps_high)
+    loss = -b.advantages * weight * b.log_prob
+    return LossTerms(loss, b.ratio, RegionBounds.from_eps(min(eps_low, 1.0), eps_high))
+
+
+def ce_gppo(b: LossBatch, eps_low: float, eps_high: float, beta1: float,
+            beta2: float) -> LossTerms:
+    """CE-GPPO (GPPO when beta1 = beta2 = 1): gradient-preserving clip with scaled boundaries."""
+    ln, hp = regions(b, eps_low, eps_high)
+    log_weight = b.log_ratio.detach()
+    log_weight = torch.where(ln, _log(beta1 * (1.0 - eps_low)), log_weight)
+    log_weight = torch.where(hp, _log(beta2 * (1.0 + eps_high)), log_weight)
+    return soft_clip_terms(b, log_weight, eps_low, eps_high)
+
+
+def dgpo(b: LossBatch, eps_low: float, eps_high: float, n: int, m: int) -> LossTerms:
+    """DGPO: polynomial decay of the probability-space weight on LN, reciprocal-radical on HP."""
+    ln, hp = regions(b, eps_low, eps_high)
+    delta = b.log_ratio.detach()
+    log_weight = torch.where(ln, (n + 1) * delta - n * math.log1p(-eps_low), delta)
+    log_weight = torch.where(hp, math.log1p(eps_high) / m + (1.0 - 1.0 / m) * delta, log_weight)
+    valid = b.mask.float()
+    kappa = torch.exp(log_weight - delta)  # F / w = W pi_old, the probability-space weight
+    metrics = {
+        "dgpo/weight_over_ratio_LN": (kappa * ln * valid).sum() / (ln * valid).sum().clamp(min=1),
+        "dgpo/weight_over_ratio_HP": (kappa * hp * valid).sum() / (hp * valid).sum().clamp(min=1),
+    }
+    return soft_clip_terms(b, log_weight, eps_low, eps_high, metrics)
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
+
+
+register_policy_loss(
+    "cispo",
+    params=dict(
+        eps_low=Hyper(0.2, float, "lower IS-weight clip 1 - eps_low (1: no lower bound)",
+                      low=0.0, high=1.0),
+        eps_high=eps_high(0.2),
+    ),
+    summary="CISPO (MiniMax-M1): -sg(clip(w)) A log pi, gradient kept on every token",
+)(cispo)
+_BETA = "scale of the boundary weight"
+register_policy_loss(
+    "ce_gppo",
+    params=dict(eps_low=eps_low(0.2), eps_high=eps_high(0.2),
+                beta1=Hyper(0.75, float, f"LN {_BETA}", low=0.0),
+                beta2=Hyper(1.0, float, f"HP {_BETA}", low=0.0)),
+    summary="CE-GPPO: F = beta1(1-eps_low) on LN, beta2(1+eps_high) on HP, w elsewhere",
+)(ce_gppo)
+register_policy_loss(
+    "gppo",
+    params=dict(eps_low=eps_low(0.2), eps_high=eps_high(0.2),
+                beta1=Hyper(1.0, float, f"LN {_BETA}", low=0.0),
+                beta2=Hyper(1.0, float, f"HP {_BETA}", low=0.0)),
+    summary="GPPO (Klear): F = 1-eps_low on LN, 1+eps_high on HP, w elsewhere",
+)(ce_gppo)
+register_policy_loss(
+    "dgpo",
+    params=dict(eps_low=eps_low(0.2), eps_high=eps_high(0.2),
+                n=Hyper(1, int, "LN polynomial decay order (0: no LN clip)", low=0),
+                m=Hyper(2, int, "HP reciprocal-radical order (1: GPPO on HP)", low=1)),
+    summary="DGPO (seed 002 Eqs. 9-10): F = w^(n+1)/(1-eps_low)^n on LN, "
+            "(1+eps_high)^(1/m) w^(1-1/m) on HP",
+)(dgpo)
