@@ -1,0 +1,158 @@
+"""``megarl plan``: a readable summary of the run a validated config describes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from megarl.config import Config
+
+Section = tuple[str, list[tuple[str, str]]]
+
+
+def plan_sections(config: Config) -> list[Section]:
+    """The plan as (section title, [(label, value)]) rows; pure, for printing and tests."""
+    return [
+        ("Model", _model(config)),
+        ("Layout", _layout(config)),
+        ("Objective", _objective(config)),
+        ("Batches", _batches(config)),
+        ("Rollout", _rollout(config)),
+        ("Data and logging", _data(config)),
+    ]
+
+
+def print_plan(config: Config, console: Console | None = None) -> None:
+    """Print the plan as one table, a section per concern."""
+    console = console or Console()
+    table = Table(title="megarl plan", title_justify="left", show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    for i, (title, rows) in enumerate(plan_sections(config)):
+        if i:
+            table.add_section()
+        table.add_row(f"[bold magenta]{title}[/]", "")
+        for label, value in rows:
+            table.add_row(f"  {label}", escape(value))
+    console.print(table)
+
+
+def _model(c: Config) -> list[tuple[str, str]]:
+    m, f = c.model, c.model.facts()
+    hf = m.known_config()
+    source = m.name_or_path or "inline model.hf_config"
+    rows = [("source", source + (" (random init)" if m.random_init else ""))]
+    rows.append(("architecture", str(hf.get("model_type", "unknown until loaded"))))
+    if f.num_layers is not None:
+        rows.append(("layers / hidden", f"{f.num_layers} / {_opt(f.hidden_size)}"))
+    if f.num_attention_heads is not None:
+        rows.append(("heads / KV heads", f"{f.num_attention_heads} / {f.num_query_groups}"))
+    if f.num_experts:
+        rows.append(("experts / top-k", f"{f.num_experts} / {_opt(f.moe_router_topk)}"))
+    if f.vocab_size is not None:
+        rows.append(("vocab", str(f.vocab_size)))
+    rows.append(("tokenizer", m.tokenizer or source))
+    rows.append(("dtype", m.dtype))
+    replay = m.routing_replay
+    if replay is None:
+        replay = f.is_moe
+    rows.append(("routing replay (R3)", {True: "on", False: "off", None: "on if MoE"}[replay]))
+    return rows
+
+
+def _layout(c: Config) -> list[tuple[str, str]]:
+    p = c.parallel
+    dp = p.data_parallel_size()
+    world = p.world_size if p.world_size is not None else (None if dp is None else
+                                                           p.tp * p.pp * p.cp * dp)
+    dims = f"TP={p.tp} PP={p.pp} CP={p.cp} DP={_opt(dp, 'world/(tp*pp*cp)')}"
+    if p.vpp:
+        dims += f" VPP={p.vpp}"
+    rows = [
+        ("dense", dims),
+        ("experts", f"EP={p.ep} ETP={p.expert_tp}" + (
+            f" EDP={world // (p.pp * p.ep * p.expert_tp)}" if world else "")),
+        ("world size", _opt(world, "from the launcher")),
+        ("sequence parallel", _onoff(p.use_sequence_parallel)),
+    ]
+    return rows
+
+
+def _objective(c: Config) -> list[tuple[str, str]]:
+    from megarl.losses import POLICY_LOSSES
+
+    a = c.algo
+    spec = POLICY_LOSSES[a.loss]
+    agg = a.resolved_agg() + (" (the loss's default)" if a.agg is None else "")
+    rows = [
+        ("policy loss", f"{a.loss}: {spec.summary}"),
+        ("level", spec.level),
+        ("hyperparameters", _kv(a.resolved_params())),
+        ("aggregation", agg),
+        ("advantage", a.advantage),
+        ("KL penalty", f"beta={a.kl_beta:g} ({a.kl_type})" if a.kl_beta > 0 else "off"),
+        ("entropy bonus", f"{a.entropy_coef:g}" if a.entropy_coef > 0 else "off"),
+        ("dynamic sampling", _onoff(a.dynamic_sampling) + (
+            f" (at most {a.max_sampling_rounds} rounds)" if a.dynamic_sampling else "")),
+        ("old log-probs", a.old_logprobs),
+    ]
+    return rows
+
+
+def _batches(c: Config) -> list[tuple[str, str]]:
+    t = c.trainer
+    dp = c.parallel.data_parallel_size()
+    rows = [
+        ("steps", str(t.steps)),
+        ("prompts / step", str(t.prompts_per_step)),
+        ("samples / prompt", str(c.rollout.n_samples)),
+        ("sequences / step", str(c.sequences_per_step)),
+        ("mini-batch (sequences)", f"{t.mini_batch_size} -> {c.mini_batches_per_epoch} per epoch"),
+        ("epochs", str(t.epochs)),
+        ("optimizer updates / step", str(c.updates_per_step)),
+    ]
+    if dp is not None:
+        per_rank = t.mini_batch_size // dp
+        rows.append(("micro-batch (per DP rank)",
+                     f"{t.micro_batch_size} -> {per_rank // t.micro_batch_size} per mini-batch"))
+    else:
+        rows.append(("micro-batch (per DP rank)", str(t.micro_batch_size)))
+    rows.append(("lr", f"{t.lr:g} ({t.lr_schedule}, warmup {t.lr_warmup_steps})"))
+    rows.append(("seed", str(t.seed)))
+    return rows
+
+
+def _rollout(c: Config) -> list[tuple[str, str]]:
+    r = c.rollout
+    return [
+        ("engine", r.engine + (f" (tp={r.tp})" if r.engine == "vllm" else "")),
+        ("sampling", f"temperature={r.temperature:g} top_p={r.top_p:g} "
+                     f"top_k={'off' if r.top_k == -1 else r.top_k}"),
+        ("lengths", f"prompt <= {r.max_prompt_len}, response <= {r.max_response_len}"),
+    ]
+
+
+def _data(c: Config) -> list[tuple[str, str]]:
+    d, lg = c.data, c.logging
+    return [
+        ("train data", d.train),
+        ("eval data", ", ".join(d.eval) or "none"),
+        ("reward", d.reward),
+        ("metrics", ", ".join(lg.sinks) or "none"),
+        ("run dir", f"{lg.dir}/{lg.run_name or '<timestamp>'}"),
+    ]
+
+
+def _kv(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in params.items()) or "none"
+
+
+def _opt(value: object, missing: str = "?") -> str:
+    return missing if value is None else str(value)
+
+
+def _onoff(flag: bool) -> str:
+    return "on" if flag else "off"

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Set up this checkout: .venv with Python >= 3.12 and megarl installed editable with [dev].
+# Idempotent: an existing .venv is reused; pip only installs what is missing.
+# Pick the interpreter with PYTHON=/path/to/python3.12; otherwise python3.12 on PATH, pyenv's
+# 3.12, then python3 if it is recent enough.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+is_ok() {  # a runnable interpreter, version >= 3.12
+    [ -n "$1" ] && "$1" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1
+}
+
+find_python() {
+    local candidates=("${PYTHON:-}" python3.12)
+    if command -v pyenv >/dev/null 2>&1; then
+        local root
+        root="$(pyenv root)"
+        candidates+=("$root"/versions/3.12*/bin/python)
+    fi
+    candidates+=(python3)
+    for c in "${candidates[@]}"; do
+        if is_ok "$c"; then
+            echo "$c"
+            return 0
+        fi
+    done
+    return 1
+}
+
+if [ -e .venv ] && ! is_ok .venv/bin/python; then
+    echo "setup: .venv exists but has no Python >= 3.12; remove it and run again" >&2
+    exit 1
+fi
+if [ ! -e .venv ]; then
+    py="$(find_python)" || {
+        echo "setup: no Python >= 3.12 found (set PYTHON=/path/to/python3.12)" >&2
+        exit 1
+    }
+    echo "setup: creating .venv with $py ($("$py" --version))"
+    "$py" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet -e ".[dev]"
+echo "setup: ready ($(.venv/bin/python --version), megarl $(.venv/bin/python -c 'import megarl; print(megarl.__version__)'))"

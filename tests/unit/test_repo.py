@@ -1,0 +1,38 @@
+"""The README's quick start and CI agree: CI runs exactly the README's set-up and tests."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def quick_start_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block is not None, "README's Quick start has no bash block"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_readme_has_three_quick_start_commands() -> None:
+    setup, main, tests = quick_start_commands()
+    assert setup == "bash scripts/setup.sh"
+    assert main.startswith(".venv/bin/megarl plan examples/configs/")
+    assert (ROOT / main.split()[-1]).is_file()
+    assert tests == ".venv/bin/python -m pytest -q"
+
+
+def test_ci_runs_the_readme_setup_and_tests_and_lints() -> None:
+    ci = ROOT / ".ci" / "run"
+    assert os.access(ci, os.X_OK)
+    lines = [ln.split("#")[0].strip() for ln in ci.read_text().splitlines()]
+    lines = [ln for ln in lines if ln]
+    assert "set -euo pipefail" in lines
+    setup, _, tests = quick_start_commands()
+    assert setup in lines and tests in lines
+    assert lines.index(setup) < lines.index(tests)
+    assert ".venv/bin/ruff check ." in lines
+    assert os.access(ROOT / "scripts" / "setup.sh", os.X_OK)
