@@ -18,6 +18,7 @@ each module's docstring gives its equations. Modules by family:
 
 from megarl.losses import (  # noqa: F401  (importing registers the losses)
     abc_grpo,
+    asymmetric,
     bapo,
     clipped,
     reinforce,

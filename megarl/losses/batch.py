@@ -140,3 +140,13 @@ def weighted_log_prob_term(log_prob: Tensor, log_weight: Tensor) -> Tensor:
     stays finite when F or w alone would overflow (DGPO with log pi_old = -80).
     """
     return torch.exp(log_prob - sg(log_prob) + sg(log_weight))
+
+
+def with_gradient_weight(value: Tensor, log_prob: Tensor, log_weight: Tensor) -> Tensor:
+    """A term whose value is `value` (detached) and whose gradient w.r.t. log pi is exactly F.
+
+    For objectives whose autograd derivative loses precision in fp32 (SAPO's sigmoid slope
+    sigma(1 - sigma) near saturation) while F itself has a stable closed form.
+    """
+    term = weighted_log_prob_term(log_prob, log_weight)
+    return sg(value) + term - sg(term)

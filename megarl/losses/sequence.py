@@ -10,16 +10,24 @@ rank needs just an all-reduce of detached per-sequence sums, never a differentia
 GSPO (Eqs. 5-6 of seed 000), s_i = exp( (1/|o_i|) sum_t (log pi - log pi_old) ):
     J_i = min( s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i ),   eps = 3e-4 / 4e-4
     d(sum_t l_it)/d log pi_it = -A_i s_i [s_i unclipped]          (token form, before 1/|o_i|)
+
+GMPO (Zhao et al., arXiv 2507.20673; official code callsys/GMPO): PPO's min-clip applied per token
+in LOG space, then a geometric mean per sequence, eps_low = eps_high = 0.4:
+    d~_it = min(d_it, clip(d_it, -eps_low, eps_high)) if A_i > 0, max(...) if A_i < 0
+    J_i   = A_i exp( (1/|o_i|) sum_t d~_it )          (d = log pi - log pi_old)
+    d(sum_t l_it)/d log pi_it = -A_i s~_i [d~_it unclipped]
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from megarl.losses.batch import LossBatch, LossTerms, RegionBounds, sg
 from megarl.losses.clipped import clipped_surrogate
-from megarl.losses.registry import dual_clip_c, eps_high, eps_low, register_policy_loss
+from megarl.losses.registry import Hyper, dual_clip_c, eps_high, eps_low, register_policy_loss
 
 
 def sequence_ratio_token_form(b: LossBatch, seq_log_ratio: Tensor) -> Tensor:
@@ -46,3 +54,23 @@ register_policy_loss(
     params=dict(eps_low=eps_low(3e-4), eps_high=eps_high(4e-4), dual_clip_c=dual_clip_c()),
     summary="GSPO: clip the length-normalised sequence ratio (eps 3e-4 / 4e-4)",
 )(gspo)
+
+
+def gmpo(b: LossBatch, eps_low: float, eps_high: float) -> LossTerms:
+    """GMPO: geometric mean of token ratios clipped in log space."""
+    d = b.log_ratio
+    bounded = d.clamp(-eps_low, eps_high)
+    clipped = torch.where(b.positive, torch.minimum(d, bounded), torch.maximum(d, bounded))
+    seq_log_ratio = b.seq_mean(clipped)
+    s = torch.exp(clipped - sg(clipped) + sg(seq_log_ratio)[:, None])
+    bounds = RegionBounds.symmetric(math.exp(-eps_low), math.exp(eps_high))
+    return LossTerms(-b.advantages * s, s, bounds)
+
+
+register_policy_loss(
+    "gmpo", level="sequence", default_agg="seq-mean-token-mean",
+    params=dict(eps_low=Hyper(0.4, float, "log-space lower clip: ratio >= exp(-eps_low)", low=0.0),
+                eps_high=Hyper(0.4, float, "log-space upper clip: ratio <= exp(eps_high)",
+                               low=0.0)),
+    summary="GMPO: geometric mean of token ratios clipped in log space to [e^-0.4, e^0.4]",
+)(gmpo)

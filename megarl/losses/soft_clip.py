@@ -11,6 +11,12 @@ Each objective is given by its log-prob gradient weight F (seed 002 Eqs. 2-10; d
               (1+eps_high)^(1/m) w^(1-1/m) on HP, w elsewhere (no dual clip)
             i.e. probability-space weights C_left pi^n and C_right pi^(-1/m) (Eqs. 9-10, 20, 23),
             computed in log space so that log pi_old = -80 stays finite.
+    SAPO    soft gate J = (4/tau) sigmoid(tau (w - 1)) A, tau = tau_pos (1.0) if A > 0 else
+            tau_neg (1.05) (Gao et al., arXiv 2511.20347): F = 4 s (1 - s) w, s = sigmoid(tau(w-1));
+            F = 1 on-policy, decaying smoothly away from w = 1; no hard clip.
+
+CISPO's defaults follow MiniMax-M1 (no lower bound; eps_high 0.2 as verl's example, the paper
+does not state its tuned value); seed 002 ran it with eps_low = eps_high = 0.2.
 """
 
 from __future__ import annotations
@@ -18,9 +24,17 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from megarl.losses.batch import LossBatch, LossTerms, RegionBounds, sg, weighted_log_prob_term
+from megarl.losses.batch import (
+    LossBatch,
+    LossTerms,
+    RegionBounds,
+    sg,
+    weighted_log_prob_term,
+    with_gradient_weight,
+)
 from megarl.losses.registry import Hyper, eps_high, eps_low, register_policy_loss
 
 
@@ -71,6 +85,18 @@ def dgpo(b: LossBatch, eps_low: float, eps_high: float, n: int, m: int) -> LossT
     return soft_clip_terms(b, log_weight, eps_low, eps_high, metrics)
 
 
+def sapo(b: LossBatch, tau_pos: float, tau_neg: float) -> LossTerms:
+    """SAPO: a sigmoid gate of the token ratio with a sign-dependent temperature."""
+    tau = torch.where(b.positive, torch.full_like(b.advantages, tau_pos),
+                      torch.full_like(b.advantages, tau_neg))
+    z = tau * (b.ratio.detach() - 1.0)
+    gate = (4.0 / tau) * torch.sigmoid(z)
+    # F = 4 sigma(z) sigma(-z) w, in log space: no 1 - sigma cancellation when the gate saturates
+    log_f = math.log(4.0) + F.logsigmoid(z) + F.logsigmoid(-z) + b.log_ratio.detach()
+    term = with_gradient_weight(gate, b.log_prob, log_f)
+    return LossTerms(-b.advantages * term, b.ratio, RegionBounds.from_eps(0.2, 0.2))
+
+
 def _log(x: float) -> float:
     return math.log(x) if x > 0 else -math.inf
 
@@ -78,8 +104,8 @@ def _log(x: float) -> float:
 register_policy_loss(
     "cispo",
     params=dict(
-        eps_low=Hyper(0.2, float, "lower IS-weight clip 1 - eps_low (1: no lower bound)",
-                      low=0.0, high=1.0),
+        eps_low=Hyper(1.0, float, "lower IS-weight clip 1 - eps_low (1: no lower bound, as "
+                      "MiniMax-M1)", low=0.0, high=1.0),
         eps_high=eps_high(0.2),
     ),
     summary="CISPO (MiniMax-M1): -sg(clip(w)) A log pi, gradient kept on every token",
@@ -107,3 +133,9 @@ register_policy_loss(
     summary="DGPO (seed 002 Eqs. 9-10): F = w^(n+1)/(1-eps_low)^n on LN, "
             "(1+eps_high)^(1/m) w^(1-1/m) on HP",
 )(dgpo)
+register_policy_loss(
+    "sapo", default_agg="seq-mean-token-mean",
+    params=dict(tau_pos=Hyper(1.0, float, "gate temperature for A>0", low=0.0, low_open=True),
+                tau_neg=Hyper(1.05, float, "gate temperature for A<=0", low=0.0, low_open=True)),
+    summary="SAPO: soft sigmoid gate (4/tau) sigmoid(tau(w-1)), tau 1.0 / 1.05",
+)(sapo)
