@@ -2,7 +2,7 @@
 
 Conventions (used by every loss module):
 - tensors are ``[batch, response_len]``; ``A`` is the advantage broadcast to every token;
-- ``log_ratio`` = log pi - log pi_old, computed in fp32 and clamped to +-MAX_LOG_RATIO (only to
+- ``log_ratio`` = log pi - log pi_old, computed in fp32 (fp64 inputs stay fp64) and clamped to +-MAX_LOG_RATIO (only to
   keep exp() finite; the clamp never binds for ratios a trainer can meet), and zero on masked
   positions so that padding (even NaN padding) never reaches a sum;
 - ``ratio`` = w = exp(log_ratio); never computed as pi / pi_old.
@@ -108,23 +108,24 @@ class LossBatch:
             if t.shape != shape:
                 raise ValueError(f"{name} has shape {tuple(t.shape)}, log_prob {tuple(shape)}")
         mask = response_mask.bool()
-        adv = advantages.detach().float()
+        # At least fp32 (bf16 log-probs are too coarse for ratios near 1); fp64 stays fp64.
+        dtype = torch.promote_types(log_prob.dtype, torch.float32)
+        adv = advantages.detach().to(dtype)
         if adv.dim() == 1:
             adv = adv[:, None]
         if adv.shape != shape:
             adv = adv.expand(shape)
         adv = torch.where(mask, adv, torch.zeros_like(adv))
-        # Promote to fp32 (bf16 log-probs are too coarse for ratios near 1); keep the graph.
-        lp = log_prob.float()
-        old = old_log_prob.detach().float()
+        lp = log_prob.to(dtype)
+        old = old_log_prob.detach().to(dtype)
         zero = torch.zeros_like(lp)
         lp_safe = torch.where(mask, lp, zero)
         old_safe = torch.where(mask, old, zero.detach())
         log_ratio = (lp_safe - old_safe).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
         if seq_lengths is None:
-            lengths = mask.sum(-1).float()
+            lengths = mask.sum(-1).to(dtype)
         else:
-            lengths = seq_lengths.detach().float().to(lp.device)
+            lengths = seq_lengths.detach().to(device=lp.device, dtype=dtype)
         return cls(lp_safe, old_safe, adv, mask, log_ratio, lengths.clamp(min=1.0), process_group)
 
 

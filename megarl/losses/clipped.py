@@ -25,12 +25,19 @@ def clipped_surrogate(
     high: float | Tensor,
     dual_clip_c: float | None = None,
 ) -> Tensor:
-    """Per-token loss -min(w A, clip(w, low, high) A), dual-clipped at c for A < 0."""
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(low, high)
-    loss = torch.maximum(unclipped, clipped)
+    """Per-token loss -min(w A, clip(w, low, high) A), dual-clipped at c for A < 0.
+
+    Written branch by branch with strict inequalities on the detached ratio (equal in value to
+    the min/clip form): A > 0 gives -A min(w, high), A < 0 gives -A max(w, low). A token exactly
+    on a bound keeps its gradient, as the regions' strict definitions say; torch.clamp and
+    torch.minimum would zero or halve it there.
+    """
+    w = ratio.detach()
+    loss = -advantages * ratio
+    loss = torch.where((advantages > 0) & (w > high), -advantages * high, loss)
+    loss = torch.where((advantages < 0) & (w < low), -advantages * low, loss)
     if dual_clip_c is not None:
-        loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * dual_clip_c), loss)
+        loss = torch.where((advantages < 0) & (w > dual_clip_c), -advantages * dual_clip_c, loss)
     return loss
 
 

@@ -18,8 +18,9 @@ _MAX_KL_LOG_DIFF = 20.0
 
 def kl_penalty(log_prob: Tensor, ref_log_prob: Tensor, kind: str = "k3") -> Tensor:
     """Per-token KL estimate, differentiable w.r.t. `log_prob`."""
-    x = (ref_log_prob.detach().float() - log_prob.float()).clamp(-_MAX_KL_LOG_DIFF,
-                                                                 _MAX_KL_LOG_DIFF)
+    dtype = torch.promote_types(log_prob.dtype, torch.float32)
+    x = (ref_log_prob.detach().to(dtype) - log_prob.to(dtype)).clamp(-_MAX_KL_LOG_DIFF,
+                                                                     _MAX_KL_LOG_DIFF)
     if kind == "k1":
         return -x
     if kind == "k2":

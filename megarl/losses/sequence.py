@@ -59,8 +59,10 @@ register_policy_loss(
 def gmpo(b: LossBatch, eps_low: float, eps_high: float) -> LossTerms:
     """GMPO: geometric mean of token ratios clipped in log space."""
     d = b.log_ratio
-    bounded = d.clamp(-eps_low, eps_high)
-    clipped = torch.where(b.positive, torch.minimum(d, bounded), torch.maximum(d, bounded))
+    # min(d, clip(d)) for A > 0 is eps_high above it, d below; max(...) for A < 0 mirrors it
+    clipped = torch.where(b.positive & (d.detach() > eps_high), torch.full_like(d, eps_high), d)
+    clipped = torch.where(b.negative & (d.detach() < -eps_low), torch.full_like(d, -eps_low),
+                          clipped)
     seq_log_ratio = b.seq_mean(clipped)
     s = torch.exp(clipped - sg(clipped) + sg(seq_log_ratio)[:, None])
     bounds = RegionBounds.symmetric(math.exp(-eps_low), math.exp(eps_high))
