@@ -1,0 +1,90 @@
+"""The loss library's contract: registry, validation, purity (no Megatron / vLLM import)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megarl.errors import ConfigError
+from megarl.losses import AGG_MODES, POLICY_LOSSES, compute_policy_loss, validate_loss_params
+
+SEED_LOSSES = {
+    "grpo", "dapo", "gspo", "dr_grpo", "up_grpo", "up_dapo", "up_gspo", "dapo_eps_high_inf",
+    "up_symmetric", "dgpo", "abc_grpo", "bapo", "cispo", "gppo", "ce_gppo", "sapo", "gmpo",
+    "aspo", "dppo", "w_reinforce", "reinforce",
+}
+
+
+def test_every_loss_of_the_issue_is_registered_with_metadata():
+    assert SEED_LOSSES <= set(POLICY_LOSSES)
+    for spec in POLICY_LOSSES.values():
+        assert spec.default_agg in AGG_MODES
+        assert spec.summary and spec.fn.__doc__, spec.name
+        validate_loss_params(spec.name, {})  # the defaults themselves are valid
+
+
+def test_paper_defaults():
+    assert validate_loss_params("dapo", {})["eps_high"] == 0.28
+    assert validate_loss_params("up_gspo", {})["eps_low"] == 3e-4
+    assert validate_loss_params("gspo", {}) == {"eps_low": 3e-4, "eps_high": 4e-4,
+                                                "dual_clip_c": None}
+    assert validate_loss_params("dgpo", {})["n"] == 1 and validate_loss_params("dgpo", {})["m"] == 2
+    assert validate_loss_params("ce_gppo", {})["beta1"] == 0.75
+    assert validate_loss_params("sapo", {}) == {"tau_pos": 1.0, "tau_neg": 1.05}
+    assert validate_loss_params("gmpo", {})["eps_low"] == 0.4
+    assert validate_loss_params("w_reinforce", {})["lam"] == 0.1
+    assert math.isinf(validate_loss_params("dapo_eps_high_inf", {})["eps_high"])
+    bapo = validate_loss_params("bapo", {})
+    assert (bapo["rho0"], bapo["c_low_min"], bapo["c_low_max"], bapo["c_high_min"],
+            bapo["c_high_max"], bapo["step_high"], bapo["step_low"]) == (0.4, 0.6, 0.9, 1.2,
+                                                                        3.0, 0.05, 0.02)
+    assert POLICY_LOSSES["dapo"].default_agg == "token-mean"
+    assert POLICY_LOSSES["up_grpo"].default_agg == "seq-mean-token-mean"
+    assert POLICY_LOSSES["dr_grpo"].default_agg == "seq-mean-token-sum-norm"
+
+
+@pytest.mark.parametrize(("name", "params", "field", "allowed"), [
+    ("grpo", {"eps_low": 1.0}, "algo.params.eps_low", "in [0, 1)"),
+    ("grpo", {"eps_low": -0.1}, "algo.params.eps_low", "in [0, 1)"),
+    ("grpo", {"eps_lo": 0.1}, "algo.params.eps_lo", "did you mean 'eps_low'"),
+    ("grpo", {"eps_high": "wide"}, "algo.params.eps_high", "a number"),
+    ("grpo", {"dual_clip_c": 0.5}, "algo.params.dual_clip_c", "> 1"),
+    ("dgpo", {"n": 1.5}, "algo.params.n", "an integer"),
+    ("dgpo", {"m": 0}, "algo.params.m", ">= 1"),
+    ("dppo", {"variant": "topk"}, "algo.params.variant", "one of binary_tv, binary_kl"),
+    ("dppo", {"delta_low": 1.5}, "algo.params.delta_low", "< 1"),
+])
+def test_bad_hyperparameters_are_one_line_errors(name, params, field, allowed):
+    with pytest.raises(ConfigError) as err:
+        validate_loss_params(name, params)
+    message = str(err.value)
+    assert message.startswith(field + "=") and allowed in message and "\n" not in message
+
+
+def test_unknown_loss_and_agg():
+    with pytest.raises(ConfigError, match=r"algo.loss='up_gpso'.*did you mean 'up_gspo'"):
+        validate_loss_params("up_gpso", {})
+    x = torch.zeros(1, 2)
+    with pytest.raises(ConfigError, match="agg='mean'"):
+        compute_policy_loss("grpo", x, x, x, x, agg="mean")
+    with pytest.raises(ConfigError, match="hyperparams.eps"):
+        compute_policy_loss("grpo", x, x, x, x, eps=0.2)
+    with pytest.raises(ConfigError, match="ref_log_prob"):
+        compute_policy_loss("grpo", x, x, x, x, beta=0.1)
+
+
+def test_yaml_strings_and_ints_are_coerced():
+    assert math.isinf(validate_loss_params("dapo", {"eps_high": "inf"})["eps_high"])
+    assert validate_loss_params("grpo", {"dual_clip_c": 3})["dual_clip_c"] == 3.0
+
+
+def test_loss_library_imports_neither_megatron_nor_vllm():
+    code = ("import sys, megarl.losses, megarl.advantages; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('megatron', 'vllm', "
+            "'transformer_engine', 'apex')]; print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
