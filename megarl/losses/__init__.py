@@ -1,8 +1,9 @@
 """Policy losses: every objective of the seed papers, in pure torch (no Megatron, no vLLM).
 
     from megarl.losses import compute_policy_loss, POLICY_LOSSES
-    loss, metrics = compute_policy_loss("up_gspo", log_prob, old_log_prob, advantages, mask,
-                                        agg="seq-mean-token-mean", num_tokens=..., num_sequences=...)
+    loss, metrics = compute_policy_loss(
+        "up_gspo", log_prob, old_log_prob, advantages, mask,
+        agg="seq-mean-token-mean", num_tokens=..., num_sequences=...)
 
 Every loss is a per-token gradient weight F on the advantage (d loss / d log pi = -A F / N);
 each module's docstring gives its equations. Modules by family:

@@ -15,8 +15,10 @@ Contribution statistics (``statistic``), sums over valid tokens, rho = P / (P + 
       P = sum_{A>0} A w [w <= c_high],  N = sum_{A<0} |A| w [w >= c_low] ([w <= c] with dual clip);
   monotone non-decreasing in both bounds, so raising either bound always helps.
 - ``paper_value``: Eq. 8 literally, rho = |sum_{A>0} pi_old min(wA, clip(w, 0, c_high)A)|
-      / |sum pi_old min(wA, clip(w, c_low, c_high)A)|  (raising c_low can lower it: seed notes §3.4).
-- ``code_value``: the authors' code, P = sum_{A>=0} A min(w, c_high), N = sum_{A<0} |A| max(w, c_low).
+      / |sum pi_old min(wA, clip(w, c_low, c_high)A)|  (raising c_low can lower it: seed notes
+      §3.4).
+- ``code_value``: the authors' code, P = sum_{A>=0} A min(w, c_high),
+      N = sum_{A<0} |A| max(w, c_low).
 ``target``: ``rho`` compares P/(P+N) with rho0 (paper); ``pos_neg_ratio`` compares P/N (code).
 ``search_order``: ``upper_first`` (paper) or ``lower_first`` (code). Bounds are re-initialised
 on every call; explicit ``c_low``/``c_high`` skip the search (for a mini-batch-global search run
@@ -149,7 +151,8 @@ def bapo(b: LossBatch, rho0: float, c_low_min: float, c_low_max: float, c_high_m
             process_group=b.process_group)
         c_low, c_high = found.c_low, found.c_high
         metrics = {"bapo/rho_before": found.rho_before, "bapo/rho_after": found.rho_after,
-                   "bapo/search_steps": float(found.steps), "bapo/hit_limit": float(found.hit_limit)}
+                   "bapo/search_steps": float(found.steps),
+                   "bapo/hit_limit": float(found.hit_limit)}
     else:
         metrics = {}
     metrics.update({"bapo/c_low": c_low, "bapo/c_high": c_high})

@@ -2,9 +2,10 @@
 
 Conventions (used by every loss module):
 - tensors are ``[batch, response_len]``; ``A`` is the advantage broadcast to every token;
-- ``log_ratio`` = log pi - log pi_old, computed in fp32 (fp64 inputs stay fp64) and clamped to +-MAX_LOG_RATIO (only to
-  keep exp() finite; the clamp never binds for ratios a trainer can meet), and zero on masked
-  positions so that padding (even NaN padding) never reaches a sum;
+- ``log_ratio`` = log pi - log pi_old, computed in fp32 (fp64 inputs stay fp64) and clamped
+  to +-MAX_LOG_RATIO (only to keep exp() finite; the clamp never binds for ratios a trainer
+  can meet), and zero on masked positions so that padding (even NaN padding) never reaches a
+  sum;
 - ``ratio`` = w = exp(log_ratio); never computed as pi / pi_old.
 - ``sg`` is stop-gradient (``.detach()``).
 """

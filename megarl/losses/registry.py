@@ -173,9 +173,8 @@ def get_policy_loss(name: str, field_name: str = "algo.loss") -> PolicyLossSpec:
 
         close = difflib.get_close_matches(str(name), POLICY_LOSSES, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(
-            field_name, name, f"unknown policy loss{hint}; known: {', '.join(sorted(POLICY_LOSSES))}"
-        ) from None
+        known = ", ".join(sorted(POLICY_LOSSES))
+        raise ConfigError(field_name, name, f"unknown policy loss{hint}; known: {known}") from None
 
 
 def validate_loss_params(

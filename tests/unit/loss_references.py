@@ -37,7 +37,8 @@ def f_cispo(w: Tensor, a: Tensor, eps_low=0.2, eps_high=0.2, **_) -> Tensor:
     return w.clamp(1 - eps_low, 1 + eps_high)
 
 
-def f_ce_gppo(w: Tensor, a: Tensor, eps_low=0.2, eps_high=0.2, beta1=0.75, beta2=1.0, **_) -> Tensor:
+def f_ce_gppo(w: Tensor, a: Tensor, eps_low=0.2, eps_high=0.2, beta1=0.75, beta2=1.0,
+              **_) -> Tensor:
     r = regions(w, a, 1 - eps_low, 1 + eps_high)
     f = torch.where(r["LN"], torch.full_like(w, beta1 * (1 - eps_low)), w)
     return torch.where(r["HP"], torch.full_like(w, beta2 * (1 + eps_high)), f)
