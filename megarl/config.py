@@ -488,6 +488,11 @@ class Config:
                 f"max_prompt_len + max_response_len = {length} exceeds the model's "
                 f"max_position_embeddings={facts.max_position_embeddings}",
             )
+        world = self.parallel.world_size
+        if world is not None and world % self.rollout.tp:
+            raise ConfigError(
+                "rollout.tp", self.rollout.tp, f"must divide the world size {world}"
+            )
         self._check_batches()
         group_based = self.algo.advantage in _GROUP_BASELINES or self.algo.dynamic_sampling
         if group_based and self.rollout.n_samples < 2:
@@ -514,12 +519,6 @@ class Config:
                 "trainer.mini_batch_size",
                 t.mini_batch_size,
                 f"must be a multiple of dp*micro_batch_size = {dp}*{t.micro_batch_size}",
-            )
-        if t.prompts_per_step % dp:
-            raise ConfigError(
-                "trainer.prompts_per_step",
-                t.prompts_per_step,
-                f"must be a multiple of the data-parallel size {dp}",
             )
 
     # Derived shapes, for the plan and the trainer.

@@ -143,6 +143,11 @@ def test_wrong_types(override: str, field: str, allowed: str) -> None:
         ),
         # rollout and algorithm
         (["rollout.tp=2"], "rollout.tp", "engine='hf'"),
+        (
+            ["rollout.engine=vllm", "rollout.tp=4", "parallel.world_size=6"],
+            "rollout.tp",
+            "world size 6",
+        ),
         (["rollout.n_samples=1", "trainer.mini_batch_size=16"], "rollout.n_samples", ">= 2"),
         (["rollout.top_p=1.5"], "rollout.top_p", "(0, 1]"),
         (["rollout.temperature=0"], "rollout.temperature", "> 0"),
