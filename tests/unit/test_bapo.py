@@ -158,7 +158,7 @@ def test_data_parallel_search_equals_unsharded():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    results = mp.Manager().dict()
+    results = mp.get_context("spawn").Manager().dict()
     mp.spawn(_dp_worker, args=(2, port, results), nprocs=2, join=True)
     w, a, mask, old = data(1, n=600, pos_frac=0.4)
     whole = search_bapo_bounds(w, a, mask, old, statistic="grad", search_order="upper_first",

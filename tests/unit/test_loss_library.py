@@ -88,3 +88,11 @@ def test_loss_library_imports_neither_megatron_nor_vllm():
             "'transformer_engine', 'apex')]; print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_every_loss_is_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "losses.md").read_text()
+    missing = [name for name in POLICY_LOSSES if f"| `{name}` |" not in doc]
+    assert not missing, f"docs/losses.md lacks a row for {missing}"
