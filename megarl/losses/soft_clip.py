@@ -110,19 +110,22 @@ register_policy_loss(
     ),
     summary="CISPO (MiniMax-M1): -sg(clip(w)) A log pi, gradient kept on every token",
 )(cispo)
-_BETA = "scale of the boundary weight"
+
+
+def _gppo_params(beta1: float) -> dict[str, Hyper]:
+    """GPPO and CE-GPPO share one objective; only beta1's default differs (1 vs 0.75)."""
+    scale = "scale of the boundary weight"
+    return dict(eps_low=eps_low(0.2), eps_high=eps_high(0.2),
+                beta1=Hyper(beta1, float, f"LN {scale}", low=0.0),
+                beta2=Hyper(1.0, float, f"HP {scale}", low=0.0))
+
+
 register_policy_loss(
-    "ce_gppo",
-    params=dict(eps_low=eps_low(0.2), eps_high=eps_high(0.2),
-                beta1=Hyper(0.75, float, f"LN {_BETA}", low=0.0),
-                beta2=Hyper(1.0, float, f"HP {_BETA}", low=0.0)),
+    "ce_gppo", params=_gppo_params(0.75),
     summary="CE-GPPO: F = beta1(1-eps_low) on LN, beta2(1+eps_high) on HP, w elsewhere",
 )(ce_gppo)
 register_policy_loss(
-    "gppo",
-    params=dict(eps_low=eps_low(0.2), eps_high=eps_high(0.2),
-                beta1=Hyper(1.0, float, f"LN {_BETA}", low=0.0),
-                beta2=Hyper(1.0, float, f"HP {_BETA}", low=0.0)),
+    "gppo", params=_gppo_params(1.0),
     summary="GPPO (Klear): F = 1-eps_low on LN, 1+eps_high on HP, w elsewhere",
 )(ce_gppo)
 register_policy_loss(
