@@ -7,8 +7,10 @@ name                                      reduced as
 ========================================  =====================================
 ends with ``/min``                        minimum over micro-batches and ranks
 ends with ``/max``                        maximum over micro-batches and ranks
-ends with ``/sum`` or starts with         sum over micro-batches and ranks
-``count/``
+ends with ``/sum``, or starts with        sum over micro-batches and ranks
+``count/`` or ``loss/``                   (``loss/*`` are shares of a global loss:
+                                          megarl.losses normalises each micro-batch
+                                          by the mini-batch's global counts)
 anything else                             weighted mean (weight = the ``weight``
                                           given with the micro-batch, e.g. its
                                           token count)
@@ -52,7 +54,7 @@ def metric_kind(name: str) -> Kind:
         return "min"
     if name.endswith("/max"):
         return "max"
-    if name.endswith("/sum") or name.startswith("count/"):
+    if name.endswith("/sum") or name.startswith(("count/", "loss/")):
         return "sum"
     return "mean"
 

@@ -96,3 +96,21 @@ def test_every_loss_is_documented():
     doc = (Path(__file__).parents[2] / "docs" / "losses.md").read_text()
     missing = [name for name in POLICY_LOSSES if f"| `{name}` |" not in doc]
     assert not missing, f"docs/losses.md lacks a row for {missing}"
+
+
+def test_loss_shares_reduce_to_the_mini_batch_loss():
+    """megarl.metrics sums loss/* across micro-batches: the shares add up to the whole."""
+    from megarl.metrics import MetricAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    old = -torch.rand(8, 6, generator=g)
+    lp = old + 0.3 * torch.randn(8, 6, generator=g)
+    adv, mask = torch.randn(8, generator=g), torch.ones(8, 6, dtype=torch.bool)
+    whole, _ = compute_policy_loss("dapo", lp, old, adv, mask)
+    acc = MetricAccumulator()
+    for sl in (slice(0, 3), slice(3, 8)):
+        _, m = compute_policy_loss("dapo", lp[sl], old[sl], adv[sl], mask[sl], num_tokens=48)
+        acc.add(m, weight=float(m["count/tokens"]))
+    reduced = acc.reduce()
+    assert reduced["loss/policy"] == pytest.approx(whole.item(), rel=1e-6)
+    assert reduced["count/tokens"] == 48

@@ -34,6 +34,7 @@ from megarl.metrics import (
         ("ratio/max", "max"),
         ("tokens/sum", "sum"),
         ("count/clipped", "sum"),
+        ("loss/policy", "sum"),
         ("loss", "mean"),
         ("clip/frac", "mean"),
         ("minimum", "mean"),
