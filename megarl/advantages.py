@@ -104,8 +104,10 @@ def dynamic_sampling_mask(rewards: Tensor, group_ids: Tensor | None = None, *,
     ids = _group_ids(r, group_ids, group_size)
     _, inverse = torch.unique(ids, return_inverse=True)
     n = int(inverse.max().item()) + 1 if inverse.numel() else 0
-    high = torch.full((n,), -torch.inf, dtype=r.dtype).scatter_reduce(0, inverse, r, "amax")
-    low = torch.full((n,), torch.inf, dtype=r.dtype).scatter_reduce(0, inverse, r, "amin")
+    high = torch.full((n,), -torch.inf, dtype=r.dtype, device=r.device).scatter_reduce(
+        0, inverse, r, "amax")
+    low = torch.full((n,), torch.inf, dtype=r.dtype, device=r.device).scatter_reduce(
+        0, inverse, r, "amin")
     return (high > low)[inverse]
 
 

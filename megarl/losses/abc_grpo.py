@@ -24,8 +24,10 @@ def abc_grpo(b: LossBatch, eps1: float, eps2: float, eps3: float, eps4: float) -
     lo = torch.where(pos, 1.0 - eps2, 1.0 - eps4)
     hi = torch.where(pos, 1.0 + eps1, 1.0 + eps3)
     w = b.ratio
-    loss = -w.clamp(lo, hi) * b.advantages
     wd = w.detach()
+    # gradient strictly inside the band only (Eqs. 9-13); outside, the clipped constant
+    loss = torch.where(wd <= lo, -lo * b.advantages,
+                       torch.where(wd >= hi, -hi * b.advantages, -w * b.advantages))
     valid = b.mask & (b.advantages != 0)
     n = b.mask.sum().clamp(min=1)
 
@@ -33,8 +35,8 @@ def abc_grpo(b: LossBatch, eps1: float, eps2: float, eps3: float, eps4: float) -
         return (x & valid).float().sum() / n
 
     metrics = {  # the paper's quadrant split of clipped tokens (§2.5 of seed-algorithms)
-        "abc/ppo_style_frac": frac((pos & (wd > hi)) | (~pos & (wd < lo))),  # Q1 + Q3
-        "abc/overcorrection_frac": frac((pos & (wd < lo)) | (~pos & (wd > hi))),  # Q2 + Q4
+        "abc/ppo_style_frac": frac((pos & (wd >= hi)) | (~pos & (wd <= lo))),  # Q1 + Q3
+        "abc/overcorrection_frac": frac((pos & (wd <= lo)) | (~pos & (wd >= hi))),  # Q2 + Q4
     }
     return LossTerms(loss, w, RegionBounds(1.0 - eps2, 1.0 + eps1, 1.0 - eps4, 1.0 + eps3),
                      metrics)

@@ -58,9 +58,9 @@ def aggregate_loss(
     masked = loss_mat * maskf
     if mode == "token-mean":
         n = count_tokens(mask) if num_tokens is None else num_tokens
-        return masked.sum() / _at_least_one(n, loss_mat)
+        return masked.sum() / _at_least_one(n, loss_mat, "num_tokens")
     n_seq = count_sequences(mask) if num_sequences is None else num_sequences
-    n_seq = _at_least_one(n_seq, loss_mat)
+    n_seq = _at_least_one(n_seq, loss_mat, "num_sequences")
     if mode == "seq-mean-token-mean":
         if lengths is None:
             lengths = maskf.sum(-1)
@@ -70,10 +70,13 @@ def aggregate_loss(
         return masked.sum() / n_seq
     length = float(loss_mat.shape[-1]) if norm_length is None else float(norm_length)
     if length <= 0:
-        raise ConfigError("algo.norm_length", norm_length, "must be > 0")
+        raise ConfigError("norm_length", norm_length, "must be > 0")
     return masked.sum() / (n_seq * length)
 
 
-def _at_least_one(n: float | Tensor, like: Tensor) -> Tensor:
+def _at_least_one(n: float | Tensor, like: Tensor, field: str) -> Tensor:
     """A normaliser as a tensor, never below 1 (an empty batch contributes 0, not NaN)."""
-    return torch.as_tensor(n, dtype=like.dtype, device=like.device).clamp(min=1.0)
+    t = torch.as_tensor(n, dtype=like.dtype, device=like.device)
+    if t.numel() != 1 or bool(t < 0) or not bool(torch.isfinite(t)):
+        raise ConfigError(field, n, "must be a finite count >= 0 (the global normaliser)")
+    return t.clamp(min=1.0)

@@ -55,8 +55,13 @@ def compute_policy_loss(
         raise ConfigError("agg", agg, f"must be one of {', '.join(AGG_MODES)}")
     if kl_type not in KL_TYPES:
         raise ConfigError("kl_type", kl_type, f"must be one of {', '.join(KL_TYPES)}")
+    if isinstance(beta, bool) or not isinstance(beta, int | float) or not beta >= 0:
+        raise ConfigError("beta", beta, "must be a number >= 0")
     if beta and ref_log_prob is None:
         raise ConfigError("beta", beta, "a KL penalty needs ref_log_prob")
+    if beta and ref_log_prob.shape != log_prob.shape:
+        raise ValueError(f"ref_log_prob has shape {tuple(ref_log_prob.shape)}, "
+                         f"log_prob {tuple(log_prob.shape)}")
 
     batch = LossBatch.prepare(log_prob, old_log_prob, advantages, response_mask, seq_lengths,
                               process_group)
@@ -65,14 +70,18 @@ def compute_policy_loss(
 
     def reduce(mat: Tensor) -> Tensor:
         return aggregate_loss(mat, batch.mask, agg, num_tokens=num_tokens,
-                              num_sequences=num_sequences, lengths=seq_lengths,
+                              num_sequences=num_sequences,
+                              lengths=None if seq_lengths is None else batch.lengths,
                               norm_length=norm_length)
 
     policy_loss = reduce(policy_mat)
     loss = policy_loss
     metrics: dict[str, Tensor] = {"loss/policy": policy_loss.detach()}
     if beta:
-        kl_mat = kl_penalty(batch.log_prob, ref_log_prob, kl_type)
+        ref = torch.where(batch.mask, ref_log_prob.detach().to(batch.log_prob.dtype),
+                          batch.log_prob.detach())  # padding: KL 0, never NaN
+        kl_mat = torch.where(batch.mask, kl_penalty(batch.log_prob, ref, kl_type),
+                             torch.zeros_like(batch.log_prob))
         kl_loss = reduce(kl_mat)
         loss = loss + beta * kl_loss
         metrics["loss/kl_ref"] = kl_loss.detach()
@@ -88,6 +97,7 @@ def compute_policy_loss(
                                       allow_unused=True)
         if grad is None:
             grad = torch.zeros_like(batch.log_prob)
-    metrics.update(loss_metrics(batch, terms.ratio, terms.bounds, grad, spec.level, entropy))
+    metrics.update(loss_metrics(batch, terms.ratio, terms.bounds, grad, terms.sequence_ratio,
+                                entropy))
     metrics.update({k: torch.as_tensor(v).detach() for k, v in terms.metrics.items()})
     return loss, metrics

@@ -36,13 +36,13 @@ from megarl.losses.registry import Hyper, eps_high, eps_low, register_policy_los
 
 def aspo(b: LossBatch, eps_low: float, eps_high: float, dual_clip_c: float) -> LossTerms:
     """ASPO: flipped ratio 1/w for A > 0, PPO masks, soft dual clip c on both signs."""
-    delta = b.log_ratio.detach()
+    delta, w = b.log_ratio.detach(), b.ratio.detach()
     log_c = math.log(dual_clip_c)
-    minus_inf = torch.full_like(delta, -math.inf)
-    log_f_pos = torch.where(delta > math.log1p(eps_high), minus_inf,
-                            torch.where(delta < -log_c, torch.full_like(delta, log_c), -delta))
-    log_f_neg = torch.where(delta < math.log1p(-eps_low), minus_inf,
-                            torch.where(delta > log_c, torch.full_like(delta, log_c), delta))
+    minus_inf, at_c = torch.full_like(delta, -math.inf), torch.full_like(delta, log_c)
+    log_f_pos = torch.where(w > 1.0 + eps_high, minus_inf,
+                            torch.where(w < 1.0 / dual_clip_c, at_c, -delta))
+    log_f_neg = torch.where(w < 1.0 - eps_low, minus_inf,
+                            torch.where(w > dual_clip_c, at_c, delta))
     log_f = torch.where(b.positive, log_f_pos, log_f_neg)
     loss = -b.advantages * weighted_log_prob_term(b.log_prob, log_f)
     return LossTerms(loss, b.ratio, RegionBounds.from_eps(eps_low, eps_high))

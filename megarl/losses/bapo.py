@@ -41,6 +41,7 @@ from megarl.losses.clipped import clipped_surrogate, dual_clip_fraction
 from megarl.losses.registry import Hyper, dual_clip_c, register_policy_loss
 
 STATISTICS = ("grad", "paper_value", "code_value")
+_LOG_CAP = 1e6  # an empty denominator scores inf (target met); log it as a finite number
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,8 @@ def bapo(b: LossBatch, rho0: float, c_low_min: float, c_low_max: float, c_high_m
             search_order=search_order, target=target, dual_clip_c=dual_clip_c,
             process_group=b.process_group)
         c_low, c_high = found.c_low, found.c_high
-        metrics = {"bapo/rho_before": found.rho_before, "bapo/rho_after": found.rho_after,
+        metrics = {"bapo/rho_before": min(found.rho_before, _LOG_CAP),
+                   "bapo/rho_after": min(found.rho_after, _LOG_CAP),
                    "bapo/search_steps": float(found.steps),
                    "bapo/hit_limit": float(found.hit_limit)}
     else:

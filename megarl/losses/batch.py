@@ -48,15 +48,17 @@ class LossTerms:
     """What a loss function returns.
 
     `loss_mat`: per-token loss (to minimise) before aggregation, zero where masked;
-    `ratio`: the ratio the loss clips or regions are defined on (token w, or the sequence ratio
-    broadcast to its tokens for sequence-level losses); `bounds`: the loss's own region
-    thresholds; `metrics`: loss-specific scalars.
+    `ratio`: the ratio the loss clips and the regions are defined on (token w; GSPO's sequence
+    ratio broadcast to its tokens); `bounds`: the loss's own region thresholds;
+    `sequence_ratio`: a sequence-level loss's ratio per token, for metrics;
+    `metrics`: loss-specific scalars.
     """
 
     loss_mat: Tensor
     ratio: Tensor
     bounds: RegionBounds
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    sequence_ratio: Tensor | None = None
 
 
 @dataclass
@@ -115,7 +117,11 @@ class LossBatch:
         if adv.dim() == 1:
             adv = adv[:, None]
         if adv.shape != shape:
-            adv = adv.expand(shape)
+            try:
+                adv = adv.expand(shape)
+            except RuntimeError:
+                raise ValueError(f"advantages has shape {tuple(advantages.shape)}: expected "
+                                 f"[batch] or {list(shape)}") from None
         adv = torch.where(mask, adv, torch.zeros_like(adv))
         lp = log_prob.to(dtype)
         old = old_log_prob.detach().to(dtype)

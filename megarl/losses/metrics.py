@@ -47,7 +47,8 @@ def _mean(x: Tensor, where: Tensor) -> Tensor:
 
 
 def loss_metrics(b: LossBatch, ratio: Tensor, bounds: RegionBounds, grad: Tensor | None,
-                 level: str, entropy: Tensor | None = None) -> dict[str, Tensor]:
+                 sequence_ratio: Tensor | None = None,
+                 entropy: Tensor | None = None) -> dict[str, Tensor]:
     """The common metrics; `grad` is d(sum loss)/d log pi per token (None: not measured)."""
     with torch.no_grad():
         mask = b.mask
@@ -70,8 +71,8 @@ def loss_metrics(b: LossBatch, ratio: Tensor, bounds: RegionBounds, grad: Tensor
             metrics["clip/zero_grad_frac"] = zero.sum() / n_tokens.clamp(min=1)
         w = b.ratio.detach()
         metrics.update(_ratio_stats("ratio", w, mask))
-        if level == "sequence":
-            metrics.update(_ratio_stats("seq_ratio", ratio.detach(), mask))
+        if sequence_ratio is not None:
+            metrics.update(_ratio_stats("seq_ratio", sequence_ratio.detach(), mask))
         log_ratio = b.log_ratio.detach()
         metrics["kl/old_k1"] = _mean(-log_ratio, mask)
         metrics["kl/old_k3"] = _mean(torch.exp(log_ratio) - log_ratio - 1.0, mask)

@@ -46,7 +46,7 @@ def gspo_surrogate(
 def gspo(b: LossBatch, eps_low: float, eps_high: float, dual_clip_c: float | None) -> LossTerms:
     """GSPO: PPO clip on the length-normalised sequence ratio."""
     s, loss = gspo_surrogate(b, eps_low, eps_high, dual_clip_c)
-    return LossTerms(loss, s, RegionBounds.from_eps(eps_low, eps_high))
+    return LossTerms(loss, s, RegionBounds.from_eps(eps_low, eps_high), sequence_ratio=s)
 
 
 register_policy_loss(
@@ -66,7 +66,8 @@ def gmpo(b: LossBatch, eps_low: float, eps_high: float) -> LossTerms:
     seq_log_ratio = b.seq_mean(clipped)
     s = torch.exp(clipped - sg(clipped) + sg(seq_log_ratio)[:, None])
     bounds = RegionBounds.symmetric(math.exp(-eps_low), math.exp(eps_high))
-    return LossTerms(-b.advantages * s, s, bounds)
+    # regions on the token ratio: GMPO clips tokens, not sequences
+    return LossTerms(-b.advantages * s, b.ratio, bounds, sequence_ratio=s)
 
 
 register_policy_loss(

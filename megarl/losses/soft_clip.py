@@ -40,9 +40,9 @@ from megarl.losses.registry import Hyper, eps_high, eps_low, register_policy_los
 
 def regions(b: LossBatch, eps_low: float, eps_high: float) -> tuple[Tensor, Tensor]:
     """Masks of the two boundary regions that soft clipping reweights: (LN, HP)."""
-    log_ratio = b.log_ratio.detach()
-    ln = b.negative & (log_ratio < math.log1p(-eps_low))
-    hp = b.positive & (log_ratio > math.log1p(eps_high))
+    w = b.ratio.detach()  # decided on w, exactly as the region metrics and PPO clip decide
+    ln = b.negative & (w < 1.0 - eps_low)
+    hp = b.positive & (w > 1.0 + eps_high)
     return ln, hp
 
 

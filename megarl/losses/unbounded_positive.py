@@ -77,7 +77,8 @@ def up_sequence(b: LossBatch, eps_low: float, eps_high: float,
     seq_ratio, negative = gspo_surrogate(b, eps_low, eps_high, dual_clip_c)
     loss = torch.where(b.positive, -b.advantages * b.log_prob, negative)
     metrics = probability_capacity(b, eps_low, eps_high, dual_clip_c)
-    return LossTerms(loss, seq_ratio, RegionBounds.from_eps(eps_low, eps_high), metrics)
+    return LossTerms(loss, seq_ratio, RegionBounds.from_eps(eps_low, eps_high), metrics,
+                     sequence_ratio=seq_ratio)
 
 
 _UP_DOC = "only the HP/HN metric boundary: UP's gradient has no upper clip"

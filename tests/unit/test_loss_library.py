@@ -114,3 +114,56 @@ def test_loss_shares_reduce_to_the_mini_batch_loss():
     reduced = acc.reduce()
     assert reduced["loss/policy"] == pytest.approx(whole.item(), rel=1e-6)
     assert reduced["count/tokens"] == 48
+
+
+def test_exact_bounds_never_halve_a_gradient():
+    """A token exactly on a clip bound gets F = w or F = 0, never a tie-split w / 2."""
+    w = torch.tensor([[0.8, 1.2, 0.8, 1.2, 1.1, 1.0 / 1.1]])
+    lp, old = torch.log(w), torch.zeros_like(w)
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, 1.0, -1.0]])
+    mask = torch.ones_like(w, dtype=torch.bool)
+    for name, params in [("abc_grpo", {}), ("grpo", {}), ("dgpo", {}), ("ce_gppo", {}),
+                         ("aspo", {"eps_low": 0.1, "eps_high": 0.1}), ("gppo", {})]:
+        leaf = lp.clone().requires_grad_(True)
+        compute_policy_loss(name, leaf, old, adv, mask, **params)[0].backward()
+        f = (-leaf.grad * 6 / adv)[0]
+        ratio = torch.exp(lp)[0]
+        for fi, wi in zip(f.tolist(), ratio.tolist(), strict=True):
+            assert fi != pytest.approx(wi / 2, rel=1e-4), (name, wi, fi)
+
+
+def test_region_decisions_agree_with_region_metrics():
+    """Soft-clip weights switch exactly where the reported regions say they do."""
+    w = torch.full((1, 1000), 1.1).exp().log()  # ratios at (fp32) 1.1, the eps_high = 0.1 bound
+    w = w * torch.linspace(0.999, 1.001, 1000)[None]
+    lp, old, adv = torch.log(w), torch.zeros_like(w), torch.ones_like(w)
+    leaf = lp.clone().requires_grad_(True)
+    loss, m = compute_policy_loss("aspo", leaf, old, adv, torch.ones_like(w), eps_high=0.1)
+    loss.backward()
+    zero_grad = (leaf.grad == 0).float().mean().item()
+    assert zero_grad == pytest.approx(m["region/HP"].item())
+
+
+def test_kl_term_ignores_nan_padding_and_gmpo_regions_are_per_token():
+    lp = torch.log(torch.tensor([[0.5, 0.25, 0.9]]))
+    ref = torch.tensor([[-0.5, float("nan"), float("nan")]])
+    mask = torch.tensor([[True, False, False]])
+    loss, m = compute_policy_loss("grpo", lp, lp, torch.ones(1), mask, ref_log_prob=ref,
+                                  beta=0.1)
+    assert torch.isfinite(loss) and torch.isfinite(m["kl/ref_mean"])
+    with pytest.raises(ConfigError, match="beta"):
+        compute_policy_loss("grpo", lp, lp, torch.ones(1), mask, ref_log_prob=lp, beta=-1.0)
+    # GMPO clips tokens: a token with w = 4 and A > 0 is in HP although its sequence is not
+    w = torch.tensor([[4.0, 1.0, 1.0, 1.0]])
+    _, m = compute_policy_loss("gmpo", torch.log(w), torch.zeros(1, 4), torch.ones(1),
+                               torch.ones(1, 4), agg="seq-mean-token-mean")
+    assert m["region/HP"].item() == pytest.approx(0.25)
+    assert m["seq_ratio/max"].item() == pytest.approx(math.exp(0.4 / 4))
+
+
+def test_shape_and_normaliser_errors_name_the_argument():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="advantages has shape"):
+        compute_policy_loss("grpo", x, x, torch.zeros(3), torch.ones(2, 3))
+    with pytest.raises(ConfigError, match="num_tokens"):
+        compute_policy_loss("grpo", x, x, torch.zeros(2), torch.ones(2, 3), num_tokens=-4)
