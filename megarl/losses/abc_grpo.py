@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from megarl.losses.batch import LossBatch, LossTerms, RegionBounds
+from megarl.losses.batch import LossBatch, LossTerms, RegionBounds, masked_mean
 from megarl.losses.registry import Hyper, register_policy_loss
 
 
@@ -28,11 +28,10 @@ def abc_grpo(b: LossBatch, eps1: float, eps2: float, eps3: float, eps4: float) -
     # gradient strictly inside the band only (Eqs. 9-13); outside, the clipped constant
     loss = torch.where(wd <= lo, -lo * b.advantages,
                        torch.where(wd >= hi, -hi * b.advantages, -w * b.advantages))
-    valid = b.mask & (b.advantages != 0)
-    n = b.mask.sum().clamp(min=1)
+    nonzero = b.advantages != 0
 
     def frac(x: Tensor) -> Tensor:
-        return (x & valid).float().sum() / n
+        return masked_mean(x & nonzero, b.mask)
 
     metrics = {  # the paper's quadrant split of clipped tokens (§2.5 of seed-algorithms)
         "abc/ppo_style_frac": frac((pos & (wd >= hi)) | (~pos & (wd <= lo))),  # Q1 + Q3

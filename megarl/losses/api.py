@@ -9,7 +9,7 @@ from torch import Tensor
 
 from megarl.errors import ConfigError
 from megarl.losses.aggregation import aggregate_loss
-from megarl.losses.batch import LossBatch
+from megarl.losses.batch import LossBatch, masked_mean
 from megarl.losses.kl import KL_TYPES, kl_penalty
 from megarl.losses.metrics import loss_metrics
 from megarl.losses.registry import AGG_MODES, get_policy_loss, validate_loss_params
@@ -85,8 +85,7 @@ def compute_policy_loss(
         kl_loss = reduce(kl_mat)
         loss = loss + beta * kl_loss
         metrics["loss/kl_ref"] = kl_loss.detach()
-        metrics["kl/ref_mean"] = (kl_mat.detach() * batch.maskf).sum() / batch.mask.sum().clamp(
-            min=1)
+        metrics["kl/ref_mean"] = masked_mean(kl_mat.detach(), batch.mask)
     metrics["loss/total"] = loss.detach()
     if not compute_metrics:
         return loss, metrics

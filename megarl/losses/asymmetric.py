@@ -30,7 +30,13 @@ import math
 import torch
 
 from megarl.errors import ConfigError
-from megarl.losses.batch import LossBatch, LossTerms, RegionBounds, weighted_log_prob_term
+from megarl.losses.batch import (
+    LossBatch,
+    LossTerms,
+    RegionBounds,
+    masked_mean,
+    weighted_log_prob_term,
+)
 from megarl.losses.registry import Hyper, eps_high, eps_low, register_policy_loss
 
 
@@ -66,8 +72,7 @@ def dppo(b: LossBatch, variant: str, delta_low: float, delta_high: float,
             log_f = log_f.clamp(max=math.log(ratio_cap))
         log_f = torch.where(out, torch.full_like(log_f, -math.inf), log_f)
     loss = -b.advantages * weighted_log_prob_term(b.log_prob, log_f)
-    metrics = {"dppo/masked_frac": (out & b.mask & (b.advantages != 0)).float().sum()
-               / b.mask.sum().clamp(min=1)}
+    metrics = {"dppo/masked_frac": masked_mean(out & (b.advantages != 0), b.mask)}
     return LossTerms(loss, b.ratio, RegionBounds.from_eps(0.2, 0.2), metrics)
 
 

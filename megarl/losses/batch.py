@@ -13,6 +13,7 @@ Conventions (used by every loss module):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -77,9 +78,9 @@ class LossBatch:
     def maskf(self) -> Tensor:
         return self.mask.to(self.log_prob.dtype)
 
-    @property
+    @cached_property
     def ratio(self) -> Tensor:
-        """w = exp(log pi - log pi_old), differentiable."""
+        """w = exp(log pi - log pi_old), differentiable (computed once per batch)."""
         return torch.exp(self.log_ratio)
 
     @property
@@ -134,6 +135,13 @@ class LossBatch:
         else:
             lengths = seq_lengths.detach().to(device=lp.device, dtype=dtype)
         return cls(lp_safe, old_safe, adv, mask, log_ratio, lengths.clamp(min=1.0), process_group)
+
+
+def masked_mean(x: Tensor, where: Tensor) -> Tensor:
+    """Mean of `x` over the positions where `where` is true (0 when there are none); with
+    ``x`` a boolean mask and ``where`` the response mask, the fraction of valid tokens."""
+    w = where.to(torch.promote_types(x.dtype, torch.float32))
+    return (x * w).sum() / w.sum().clamp(min=1.0)
 
 
 def sg(x: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from megarl.losses.batch import LossBatch, LossTerms, RegionBounds
+from megarl.losses.batch import LossBatch, LossTerms, RegionBounds, masked_mean
 from megarl.losses.registry import Hyper, dual_clip_c, eps_high, eps_low, register_policy_loss
 
 
@@ -45,8 +45,7 @@ def dual_clip_fraction(b: LossBatch, dual_clip_c: float | None) -> dict[str, Ten
     """Fraction of valid tokens whose gradient the dual clip removed (A < 0 and w > c)."""
     if dual_clip_c is None:
         return {}
-    hit = b.negative & (b.ratio.detach() > dual_clip_c) & b.mask
-    return {"clip/dual_frac": hit.float().sum() / b.mask.sum().clamp(min=1)}
+    return {"clip/dual_frac": masked_mean(b.negative & (b.ratio.detach() > dual_clip_c), b.mask)}
 
 
 def ppo_clip(b: LossBatch, eps_low: float, eps_high: float, dual_clip_c: float | None) -> LossTerms:

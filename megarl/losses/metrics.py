@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from megarl.losses.batch import LossBatch, RegionBounds
+from megarl.losses.batch import LossBatch, RegionBounds, masked_mean
 
 REGIONS: tuple[str, ...] = ("LN", "HP", "LP", "HN", "M")
 
@@ -41,11 +41,6 @@ def region_masks(ratio: Tensor, advantages: Tensor, mask: Tensor,
     return out
 
 
-def _mean(x: Tensor, where: Tensor) -> Tensor:
-    w = where.to(x.dtype)
-    return (x * w).sum() / w.sum().clamp(min=1.0)
-
-
 def loss_metrics(b: LossBatch, ratio: Tensor, bounds: RegionBounds, grad: Tensor | None,
                  sequence_ratio: Tensor | None = None,
                  entropy: Tensor | None = None) -> dict[str, Tensor]:
@@ -60,24 +55,24 @@ def loss_metrics(b: LossBatch, ratio: Tensor, bounds: RegionBounds, grad: Tensor
         regions = region_masks(ratio, b.advantages, mask, bounds)
         nonzero_adv = mask & (b.advantages != 0)
         for name, region in regions.items():
-            metrics[f"region/{name}"] = region.sum() / n_tokens.clamp(min=1)
+            metrics[f"region/{name}"] = masked_mean(region, mask)
         if grad is not None:
             safe_adv = torch.where(nonzero_adv, b.advantages, torch.ones_like(b.advantages))
             weight = -grad / safe_adv
             zero = (grad == 0) & mask
             for name, region in regions.items():
-                metrics[f"grad_weight/{name}"] = _mean(weight, region & nonzero_adv)
-            metrics["clip/frac"] = (zero & nonzero_adv).sum() / n_tokens.clamp(min=1)
-            metrics["clip/zero_grad_frac"] = zero.sum() / n_tokens.clamp(min=1)
+                metrics[f"grad_weight/{name}"] = masked_mean(weight, region & nonzero_adv)
+            metrics["clip/frac"] = masked_mean(zero & nonzero_adv, mask)
+            metrics["clip/zero_grad_frac"] = masked_mean(zero, mask)
         w = b.ratio.detach()
         metrics.update(_ratio_stats("ratio", w, mask))
         if sequence_ratio is not None:
             metrics.update(_ratio_stats("seq_ratio", sequence_ratio.detach(), mask))
         log_ratio = b.log_ratio.detach()
-        metrics["kl/old_k1"] = _mean(-log_ratio, mask)
-        metrics["kl/old_k3"] = _mean(torch.exp(log_ratio) - log_ratio - 1.0, mask)
+        metrics["kl/old_k1"] = masked_mean(-log_ratio, mask)
+        metrics["kl/old_k3"] = masked_mean(torch.exp(log_ratio) - log_ratio - 1.0, mask)
         if entropy is not None:
-            metrics["entropy/mean"] = _mean(entropy.detach().float(), mask)
+            metrics["entropy/mean"] = masked_mean(entropy.detach().float(), mask)
         return metrics
 
 

@@ -31,19 +31,20 @@ from megarl.losses.batch import (
     LossBatch,
     LossTerms,
     RegionBounds,
+    masked_mean,
     sg,
     weighted_log_prob_term,
     with_gradient_weight,
 )
+from megarl.losses.metrics import region_masks
 from megarl.losses.registry import Hyper, eps_high, eps_low, register_policy_loss
 
 
 def regions(b: LossBatch, eps_low: float, eps_high: float) -> tuple[Tensor, Tensor]:
-    """Masks of the two boundary regions that soft clipping reweights: (LN, HP)."""
-    w = b.ratio.detach()  # decided on w, exactly as the region metrics and PPO clip decide
-    ln = b.negative & (w < 1.0 - eps_low)
-    hp = b.positive & (w > 1.0 + eps_high)
-    return ln, hp
+    """Masks of the two boundary regions that soft clipping reweights: (LN, HP), decided
+    exactly as the region metrics decide them."""
+    masks = region_masks(b.ratio, b.advantages, b.mask, RegionBounds.from_eps(eps_low, eps_high))
+    return masks["LN"], masks["HP"]
 
 
 def soft_clip_terms(b: LossBatch, log_weight: Tensor, eps_low: float, eps_high: float,
@@ -76,12 +77,9 @@ def dgpo(b: LossBatch, eps_low: float, eps_high: float, n: int, m: int) -> LossT
     delta = b.log_ratio.detach()
     log_weight = torch.where(ln, (n + 1) * delta - n * math.log1p(-eps_low), delta)
     log_weight = torch.where(hp, math.log1p(eps_high) / m + (1.0 - 1.0 / m) * delta, log_weight)
-    valid = b.mask.float()
     kappa = torch.exp(log_weight - delta)  # F / w = W pi_old, the probability-space weight
-    metrics = {
-        "dgpo/weight_over_ratio_LN": (kappa * ln * valid).sum() / (ln * valid).sum().clamp(min=1),
-        "dgpo/weight_over_ratio_HP": (kappa * hp * valid).sum() / (hp * valid).sum().clamp(min=1),
-    }
+    metrics = {"dgpo/weight_over_ratio_LN": masked_mean(kappa, ln),
+               "dgpo/weight_over_ratio_HP": masked_mean(kappa, hp)}
     return soft_clip_terms(b, log_weight, eps_low, eps_high, metrics)
 
 

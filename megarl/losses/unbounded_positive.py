@@ -27,15 +27,10 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from megarl.losses.batch import LossBatch, LossTerms, RegionBounds
+from megarl.losses.batch import LossBatch, LossTerms, RegionBounds, masked_mean
 from megarl.losses.clipped import clipped_surrogate, dual_clip_fraction
 from megarl.losses.registry import dual_clip_c, eps_high, eps_low, register_policy_loss
 from megarl.losses.sequence import gspo_surrogate
-
-
-def _masked_mean(x: Tensor, where: Tensor) -> Tensor:
-    w = where.float()
-    return (x * w).sum() / w.sum().clamp(min=1.0)
 
 
 def probability_capacity(
@@ -53,9 +48,9 @@ def probability_capacity(
         inside = (pi >= floor) & (pi <= top * pi_old)
         cap_neg = torch.where(inside, pi - floor, torch.zeros_like(pi))
         return {
-            "up/cap_pos": _masked_mean(1.0 - pi, pos),
-            "up/cap_pos_clipped_baseline": _masked_mean(cap_clipped_pos, pos),
-            "up/cap_neg": _masked_mean(cap_neg, neg),
+            "up/cap_pos": masked_mean(1.0 - pi, pos),
+            "up/cap_pos_clipped_baseline": masked_mean(cap_clipped_pos, pos),
+            "up/cap_neg": masked_mean(cap_neg, neg),
         }
 
 
