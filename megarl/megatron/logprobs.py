@@ -1,0 +1,339 @@
+"""Log-probs and entropy of sampled tokens from vocabulary-parallel logits, chunked over tokens.
+
+Why: the RL losses need ``log p(y_t)`` (and the entropy) of each sampled token, not the logits.
+Materialising logits costs ``tokens x V`` floats (e.g. 64k tokens x 152k vocab x 4 B = 40 GB in
+fp32), and gathering the vocabulary over tensor parallelism multiplies that by ``tp``. Here each
+tensor-parallel rank keeps its output-weight shard ``W_r`` (``[V/tp, H]``, vocab ids
+``[r V/tp, (r+1) V/tp)``), the vocabulary is never gathered, and tokens are processed in chunks
+of ``c``: the extra memory is ``O(c * V/tp)`` in forward and backward, because the logits are
+recomputed chunk by chunk in backward instead of being saved. Gradients are exact.
+
+Per token with hidden ``h`` and temperature ``T`` (``z`` is fp32; ``max``/``sum`` over the whole
+vocabulary are one all-reduce MAX and then one all-reduce SUM of ``[s, z_y, S]`` per chunk)::
+
+    z     = (h W_r^T) / T                           local logits, [V/tp]
+    m     = max_v z_v                               (no gradient: any shift gives the same lse)
+    s     = sum_v exp(z_v - m),   lse = m + log s
+    logp  = z_y - lse = (z_y - m) - log s           z_y is contributed by the rank owning y
+    H     = -sum_v p_v log p_v = lse - E_p[z] = log s - S / s,   S = sum_v exp(z_v - m) (z_v - m)
+
+Backward saves only ``h, W, y`` and per token the fp32 ``m``, ``log s`` (``lse`` in two parts, so
+``log p = (z - m) - log s`` keeps full precision near the max) and ``H``, and recomputes ``z``::
+
+    dlogp/dz = onehot(y) - p,                       p = exp(z - lse)
+    dH/dz    = -p (z - E_p[z]) = -p (log p + H)
+    dL/dh    = (dz / T) W_r         the PARTIAL gradient of rank r: the caller sums it over TP
+    dL/dW_r  = (dz / T)^T h
+
+Temperature is applied as the rollout engine applies it: vLLM's processed log-probs are
+``log_softmax(logits / T)`` computed in fp32, which is ``logp`` above. Labels outside
+``[0, V)`` are owned by no rank and give ``logp = -lse`` (meaningless): mask such positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "LogProbContext",
+    "logprob_entropy_output_processor",
+    "vocab_parallel_logprobs",
+]
+
+
+def _group_size(group: dist.ProcessGroup | None) -> int:
+    """World size of `group`; 1 when there is no group (single rank, no communication)."""
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:
+    """fp32 ``(h W^T) / T`` for one chunk of tokens: ``[c, V_local]``."""
+    z = (hidden @ weight.t()).float()
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z
+
+
+def _local_targets(labels: Tensor, vocab_start: int, vocab_local: int) -> tuple[Tensor, Tensor]:
+    """(index of each label in this shard, clamped to it; mask of labels this rank owns)."""
+    local = labels - vocab_start
+    owned = (local >= 0) & (local < vocab_local)
+    return local.clamp(0, vocab_local - 1), owned
+
+
+class _ChunkedVocabParallelLogProbEntropy(torch.autograd.Function):
+    """Fused ``linear -> log_softmax -> (log p(y), entropy)`` over vocab shards, token-chunked."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        temperature: float,
+        chunk_size: int,
+        tp_group: dist.ProcessGroup | None,
+        vocab_start: int,
+        with_entropy: bool,
+    ) -> tuple[Tensor, Tensor]:
+        n = hidden.shape[0]
+        vocab_local = weight.shape[0]
+        distributed = _group_size(tp_group) > 1
+        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        entropy = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        # lse = m + log s is kept as its two fp32 parts: z - m is exact where it matters (z near
+        # the max) and log s <= log V is small, so log p = (z - m) - log s loses no precision.
+        row_max = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        log_sum = torch.empty(n, dtype=torch.float32, device=hidden.device)
+
+        hack = []
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            z = _chunk_logits(hidden[start:end], weight, temperature)
+            hack.append(z.clone())
+            m = z.amax(dim=-1)
+            if distributed:
+                dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
+            local, owned = _local_targets(labels[start:end], vocab_start, vocab_local)
+            z_y = z.gather(1, local.unsqueeze(1)).squeeze(1).masked_fill_(~owned, 0.0)
+            z.sub_(m.unsqueeze(1))  # z - m <= 0 from here on
+            e = z.exp()
+            # One SUM all-reduce per chunk for [s, z_y, sum_v e_v (z_v - m)].
+            stats = [e.sum(dim=-1), z_y]
+            if with_entropy:
+                stats.append(e.mul_(z).sum(dim=-1))
+            del e, z
+            packed = torch.stack(stats)
+            if distributed:
+                dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
+            log_s = packed[0].log()
+            row_max[start:end] = m
+            log_sum[start:end] = log_s
+            logp[start:end] = (packed[1] - m) - log_s
+            if with_entropy:
+                # H = lse - E[z] = log s - E[z - m]: no cancellation between two large numbers.
+                entropy[start:end] = log_s - packed[2] / packed[0]
+
+        import os
+        if os.environ.get("HACK") == "ctx":
+            ctx.full = torch.cat(hack)
+            ctx.save_for_backward(hidden, weight, labels, row_max, log_sum, entropy)
+        else:
+            ctx.save_for_backward(hidden, weight, labels, row_max, log_sum, entropy, torch.cat(hack))
+        del hack
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+        ctx.temperature = temperature
+        ctx.chunk_size = chunk_size
+        ctx.vocab_start = vocab_start
+        ctx.with_entropy = with_entropy
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(
+        ctx: Any, g_logp: Tensor | None, g_entropy: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        hidden, weight, labels, row_max, log_sum, entropy = ctx.saved_tensors[:6]
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        nones = (None,) * 6
+        if not ctx.with_entropy:
+            g_entropy = None
+        if (g_logp is None and g_entropy is None) or not (need_hidden or need_weight):
+            return (None, None, *nones)
+
+        n = hidden.shape[0]
+        vocab_local = weight.shape[0]
+        inv_t = 1.0 / ctx.temperature
+        grad_hidden = (
+            torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+            if need_hidden
+            else None
+        )
+        # Accumulate the weight gradient over chunks in fp32 (one rounding at the end).
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            if need_weight
+            else None
+        )
+
+        for start in range(0, n, ctx.chunk_size):
+            end = min(start + ctx.chunk_size, n)
+            h = hidden[start:end]
+            z = _chunk_logits(h, weight, ctx.temperature)
+            # log p = (z - m) - log s, in place: z is not needed again.
+            log_p = z.sub_(row_max[start:end].unsqueeze(1)).sub_(log_sum[start:end].unsqueeze(1))
+            p = log_p.exp()
+            if g_entropy is not None:
+                # dH/dz = -p (log p + H), built in the log_p buffer.
+                dz = log_p.add_(entropy[start:end].unsqueeze(1)).mul_(p)
+                dz.mul_(g_entropy[start:end].unsqueeze(1) * -inv_t)
+                if g_logp is not None:
+                    dz.addcmul_(p, g_logp[start:end].unsqueeze(1), value=-inv_t)
+                del p
+            else:
+                del log_p
+                dz = p.mul_(g_logp[start:end].unsqueeze(1) * -inv_t)
+            if g_logp is not None:
+                local, owned = _local_targets(labels[start:end], ctx.vocab_start, vocab_local)
+                g_y = (g_logp[start:end] * inv_t).masked_fill_(~owned, 0.0)
+                dz.scatter_add_(1, local.unsqueeze(1), g_y.unsqueeze(1))
+            dlogits = dz.to(weight.dtype)
+            del dz
+            if grad_hidden is not None:
+                torch.matmul(dlogits, weight, out=grad_hidden[start:end])
+            if grad_weight is not None:
+                if dlogits.dtype == torch.float32:
+                    grad_weight.addmm_(dlogits.t(), h)
+                else:  # low-precision matmul (fp32 accumulation inside), fp32 running sum
+                    grad_weight.add_(dlogits.t() @ h)
+            del dlogits
+
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return (grad_hidden, grad_weight, *nones)
+
+
+def vocab_parallel_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    tp_group: dist.ProcessGroup | None = None,
+    vocab_start: int | None = None,
+    with_entropy: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """fp32 ``(log p(labels), entropy)`` of ``softmax((hidden @ W^T) / T)`` over the full vocab.
+
+    `hidden` is ``[..., H]``, `labels` ``[...]`` global vocab ids, `weight` this rank's shard
+    ``[V/tp, H]`` starting at `vocab_start` (default ``tp_rank * V/tp``). The gradient returned
+    for `hidden` is this rank's partial sum over its vocab shard: sum it over `tp_group` (e.g.
+    with megatron's ``copy_to_tensor_model_parallel_region`` before the call). Entropy is None
+    when `with_entropy` is False.
+    """
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if hidden.dim() < 1 or labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal hidden.shape[:-1] "
+            f"{tuple(hidden.shape[:-1])}"
+        )
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be [V_local, {hidden.shape[-1]}] to match hidden, "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer token ids, got {labels.dtype}")
+    if vocab_start is None:
+        rank = dist.get_rank(tp_group) if _group_size(tp_group) > 1 else 0
+        vocab_start = rank * weight.shape[0]
+
+    lead = labels.shape
+    logp, entropy = _ChunkedVocabParallelLogProbEntropy.apply(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        labels.reshape(-1).long(),
+        float(temperature),
+        int(chunk_size),
+        tp_group,
+        int(vocab_start),
+        bool(with_entropy),
+    )
+    return logp.view(lead), (entropy.view(lead) if with_entropy else None)
+
+
+@dataclass
+class LogProbContext:
+    """Settings for `logprob_entropy_output_processor` (``output_processor_context``)."""
+
+    temperature: float = 1.0
+    chunk_size: int = 1024
+    with_entropy: bool = True
+
+
+def logprob_entropy_output_processor(
+    *,
+    hidden_states: Tensor,
+    output_layer: Any,
+    output_weight: Tensor | None,
+    labels: Tensor | None,
+    context: LogProbContext | None,
+    config: Any,
+    **_: Any,
+) -> Tensor:
+    """``GPTModel.forward(output_processor=...)``: fp32 ``[b, s, 2]`` of (log p(labels), entropy).
+
+    `hidden_states` is ``[s, b, h]`` (``[s/tp, b, h]`` with sequence parallelism), `labels`
+    ``[b, s]``. Hidden states are brought to the full sequence as ``ColumnParallelLinear`` does,
+    so their gradient is summed over TP in backward (all-gather / reduce-scatter with sequence
+    parallelism, identity / all-reduce without). MuP's output multiplier ``k`` (logits * k) is
+    folded into the temperature: ``(k z) / T = z / (T / k)``.
+    """
+    # Imported here: megatron.core takes seconds to import, the pure function above needs none.
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.mappings import (
+        copy_to_tensor_model_parallel_region,
+        gather_from_sequence_parallel_region,
+    )
+
+    ctx = context if context is not None else LogProbContext()
+    if labels is None:
+        raise ValueError("labels must be given to compute log-probs (got None)")
+    if getattr(output_layer, "bias", None) is not None:
+        raise ValueError("output_layer has a bias, which the chunked log-prob path does not add")
+    weight = output_weight if output_weight is not None else output_layer.weight
+
+    tp_group = getattr(output_layer, "tp_group", None)
+    if tp_group is None and parallel_state.model_parallel_is_initialized():
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp_size = _group_size(tp_group)
+    if tp_size > 1:
+        sequence_parallel = getattr(output_layer, "sequence_parallel", config.sequence_parallel)
+        if sequence_parallel:
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=True, group=tp_group
+            )
+        else:
+            hidden_states = copy_to_tensor_model_parallel_region(hidden_states, group=tp_group)
+        vocab_start = dist.get_rank(tp_group) * weight.shape[0]
+    else:
+        vocab_start = 0
+
+    temperature = ctx.temperature
+    mup_mult = getattr(config, "mup_output_mult", 1.0) if getattr(config, "use_mup", False) else 1.0
+    if mup_mult != 1.0:
+        temperature = temperature / mup_mult
+
+    s, b, h = hidden_states.shape
+    if labels.shape != (b, s):
+        raise ValueError(f"labels must be [b, s] = {(b, s)}, got {tuple(labels.shape)}")
+    if hidden_states.dtype != weight.dtype:
+        hidden_states = hidden_states.to(weight.dtype)
+    logp, entropy = vocab_parallel_logprobs(
+        hidden_states.reshape(s * b, h),  # megatron's s-major token order
+        weight,
+        labels.t().reshape(s * b),
+        temperature=temperature,
+        chunk_size=ctx.chunk_size,
+        tp_group=tp_group if tp_size > 1 else None,
+        vocab_start=vocab_start,
+        with_entropy=ctx.with_entropy,
+    )
+    if entropy is None:
+        entropy = torch.zeros_like(logp)
+    return torch.stack((logp, entropy), dim=-1).view(s, b, 2).transpose(0, 1).contiguous()

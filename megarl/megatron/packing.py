@@ -1,0 +1,249 @@
+"""Sequence packing (THD): variable-length samples -> micro-batches of one packed row each.
+
+A `TrainSample` is token-aligned: ``tokens[i]`` and, for every per-token field,
+``field[i]`` describes ``tokens[i]`` (``old_logprobs[i] = log pi_old(tokens[i] | tokens[:i])``).
+Position 0 is never trained (nothing predicts it). A `PackedMicroBatch` is label-aligned, as
+megatron computes it: row position ``j`` predicts ``labels[j] = tokens[j + 1]``.
+
+Layout of one packed row of length ``T`` (``cu_seqlens`` are segment boundaries)::
+
+    | sample 0 (+pad to seq_multiple) | sample 1 (+pad) | ... | tail padding |
+
+``seq_multiple`` is ``2 * cp`` under context parallelism (each sample is cut into 2cp chunks,
+see `cp_partition_index`); ``row_multiple`` makes ``T`` divisible by ``tp * 2cp`` for sequence
+parallelism. Padding has ``loss_mask = 0`` and its own segment, so it never attends to or is
+attended by a sample.
+
+Attention: with Transformer-Engine the row is passed as THD (``PackedSeqParams``, RoPE positions
+restart per sample). megatron's local attention has no THD path, so there the row carries a
+block-diagonal causal mask instead and RoPE positions run across the row; RoPE scores depend
+only on position differences, so each sample sees the same attention up to float rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TrainSample:
+    """One sequence (prompt + response) with token-aligned per-token fields."""
+
+    tokens: Tensor  # [L] int64
+    loss_mask: Tensor  # [L] bool: tokens that are trained (response tokens)
+    advantages: Tensor  # [L] float, or a 0-d tensor / float broadcast over the sample
+    old_logprobs: Tensor | None = None  # [L] float
+    ref_logprobs: Tensor | None = None  # [L] float
+
+    def check(self, index: int) -> None:
+        n = self.tokens.shape[0] if self.tokens.dim() == 1 else -1
+        if n < 2:
+            raise ValueError(f"samples[{index}].tokens must be 1-d with >= 2 tokens")
+        for name in ("loss_mask", "old_logprobs", "ref_logprobs"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != (n,):
+                raise ValueError(
+                    f"samples[{index}].{name} has shape {tuple(value.shape)}, expected ({n},)"
+                )
+        adv = torch.as_tensor(self.advantages)
+        if adv.dim() not in (0, 1) or (adv.dim() == 1 and adv.shape[0] != n):
+            raise ValueError(f"samples[{index}].advantages must be a scalar or shape ({n},)")
+        if bool(self.loss_mask[0]):
+            raise ValueError(f"samples[{index}].loss_mask[0] must be 0: no token predicts it")
+
+
+@dataclass
+class PackedMicroBatch:
+    """One packed row; per-token tensors are ``[T]`` and label-aligned."""
+
+    input_ids: Tensor  # [T] int64
+    labels: Tensor  # [T] int64: input_ids shifted left within each sample
+    loss_mask: Tensor  # [T] bool
+    advantages: Tensor  # [T] float32
+    old_logprobs: Tensor  # [T] float32 (zeros when not provided)
+    ref_logprobs: Tensor | None  # [T] float32
+    cu_seqlens: Tensor  # [segments + 1] int32, padded sample lengths, tail padding last
+    sample_starts: list[int]  # row offset of each sample
+    sample_lengths: list[int]  # real (unpadded) length of each sample
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        """Loss tokens in this micro-batch."""
+        return int(self.loss_mask.sum().item())
+
+    @property
+    def num_sequences(self) -> int:
+        """Samples with at least one loss token (the seq-mean denominator)."""
+        return int((self.unpack(self.loss_mask.float()).sum(-1) > 0).sum().item())
+
+    @property
+    def row_length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def unpack_index(self) -> tuple[Tensor, Tensor]:
+        """``(index [n, Lmax], valid [n, Lmax])``: row positions of each sample, left-aligned."""
+        n, lmax = len(self.sample_lengths), max(self.sample_lengths)
+        offsets = torch.arange(lmax)
+        starts = torch.tensor(self.sample_starts).unsqueeze(1)
+        lengths = torch.tensor(self.sample_lengths).unsqueeze(1)
+        valid = offsets.unsqueeze(0) < lengths
+        index = torch.where(valid, starts + offsets, torch.zeros_like(starts))
+        return index.to(self.input_ids.device).view(n, lmax), valid.to(self.input_ids.device)
+
+    def unpack(self, values: Tensor) -> Tensor:
+        """``[T] -> [n, Lmax]`` (zeros past each sample's end); differentiable."""
+        index, valid = self.unpack_index()
+        out = values[index]
+        return torch.where(valid, out, torch.zeros_like(out))
+
+    def to(self, device: torch.device | str) -> PackedMicroBatch:
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                value = value.to(device)
+            elif f.name == "extras":
+                value = {k: v.to(device) for k, v in value.items()}
+            moved[f.name] = value
+        return PackedMicroBatch(**moved)
+
+
+def _label_aligned(values: Tensor, fill: float | bool) -> Tensor:
+    """Shift a token-aligned tensor to label alignment: out[j] = values[j + 1]."""
+    return torch.cat([values[1:], values.new_full((1,), fill)])
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pack_samples(
+    samples: list[TrainSample], *, seq_multiple: int = 1, row_multiple: int = 1
+) -> PackedMicroBatch:
+    """Pack `samples` into one row (see the module docstring for the layout)."""
+    if not samples:
+        raise ValueError("samples must not be empty")
+    ids, labels, masks, advs, olds, refs = [], [], [], [], [], []
+    starts, lengths, bounds = [], [], [0]
+    has_ref = samples[0].ref_logprobs is not None
+    for i, s in enumerate(samples):
+        s.check(i)
+        if (s.ref_logprobs is not None) != has_ref:
+            raise ValueError(f"samples[{i}].ref_logprobs: give it for every sample or none")
+        n = s.tokens.shape[0]
+        padded = _round_up(n, seq_multiple)
+        pad = padded - n
+        adv = torch.as_tensor(s.advantages, dtype=torch.float32).expand(n)
+        old = s.old_logprobs if s.old_logprobs is not None else torch.zeros(n)
+        starts.append(bounds[-1])
+        lengths.append(n)
+        bounds.append(bounds[-1] + padded)
+        ids.append(torch.nn.functional.pad(s.tokens.long(), (0, pad)))
+        labels.append(torch.nn.functional.pad(_label_aligned(s.tokens.long(), 0), (0, pad)))
+        masks.append(torch.nn.functional.pad(_label_aligned(s.loss_mask.bool(), False), (0, pad)))
+        advs.append(torch.nn.functional.pad(_label_aligned(adv.float(), 0.0), (0, pad)))
+        olds.append(torch.nn.functional.pad(_label_aligned(old.float(), 0.0), (0, pad)))
+        if has_ref:
+            refs.append(torch.nn.functional.pad(_label_aligned(s.ref_logprobs.float(), 0.0),
+                                                (0, pad)))
+    total = bounds[-1]
+    tail = _round_up(total, row_multiple) - total
+    if tail:
+        bounds.append(total + tail)
+
+    def cat(parts: list[Tensor], fill: float | bool = 0) -> Tensor:
+        row = torch.cat(parts)
+        return torch.cat([row, row.new_full((tail,), fill)]) if tail else row
+
+    return PackedMicroBatch(
+        input_ids=cat(ids),
+        labels=cat(labels),
+        loss_mask=cat(masks, False),
+        advantages=cat(advs),
+        old_logprobs=cat(olds),
+        ref_logprobs=cat(refs) if has_ref else None,
+        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+        sample_starts=starts,
+        sample_lengths=lengths,
+    )
+
+
+def make_micro_batches(
+    samples: list[TrainSample],
+    *,
+    max_tokens: int | None = None,
+    num_micro_batches: int | None = None,
+    seq_multiple: int = 1,
+    row_multiple: int = 1,
+) -> list[PackedMicroBatch]:
+    """Split `samples` (in order) into packed micro-batches.
+
+    Exactly one of `max_tokens` (token budget per row: greedy, order-preserving; a sample longer
+    than the budget gets a row of its own) or `num_micro_batches` (contiguous groups of near
+    equal sample counts) must be given.
+    """
+    if (max_tokens is None) == (num_micro_batches is None):
+        raise ValueError("give exactly one of max_tokens or num_micro_batches")
+    if not samples:
+        raise ValueError("samples must not be empty")
+    groups: list[list[TrainSample]] = []
+    if num_micro_batches is not None:
+        if not 1 <= num_micro_batches <= len(samples):
+            raise ValueError(
+                f"num_micro_batches={num_micro_batches} must be in [1, {len(samples)}] "
+                "(one sample at least per micro-batch)"
+            )
+        bounds = [round(i * len(samples) / num_micro_batches) for i in range(num_micro_batches + 1)]
+        groups = [samples[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    else:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens={max_tokens} must be >= 1")
+        current: list[TrainSample] = []
+        used = 0
+        for s in samples:
+            size = _round_up(int(s.tokens.shape[0]), seq_multiple)
+            if current and used + size > max_tokens:
+                groups.append(current)
+                current, used = [], 0
+            current.append(s)
+            used += size
+        groups.append(current)
+    return [pack_samples(g, seq_multiple=seq_multiple, row_multiple=row_multiple) for g in groups]
+
+
+def segment_ids(cu_seqlens: Tensor, length: int) -> Tensor:
+    """``[T]`` segment index of each row position."""
+    positions = torch.arange(length, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].to(torch.long), positions, right=True)
+
+
+def block_causal_mask(cu_seqlens: Tensor, length: int) -> Tensor:
+    """``[1, 1, T, T]`` bool, True = masked: causal within a segment, nothing across."""
+    seg = segment_ids(cu_seqlens, length)
+    pos = torch.arange(length, device=cu_seqlens.device)
+    masked = (seg.unsqueeze(1) != seg.unsqueeze(0)) | (pos.unsqueeze(0) > pos.unsqueeze(1))
+    return masked.view(1, 1, length, length)
+
+
+def cp_partition_index(cu_seqlens: Tensor, cp: int, cp_rank: int) -> Tensor:
+    """Row positions held by context-parallel rank `cp_rank` (load-balanced "zigzag").
+
+    Every segment (length divisible by ``2 * cp``) is cut into ``2 * cp`` chunks; rank ``r``
+    holds chunks ``r`` and ``2cp - 1 - r`` so causal attention work is balanced. This is the
+    layout Transformer-Engine's THD context parallelism expects.
+    """
+    if cp == 1:
+        return torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device)
+    parts = []
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True):
+        length = end - start
+        if length % (2 * cp):
+            raise ValueError(f"segment length {length} is not divisible by 2*cp={2 * cp}")
+        chunk = length // (2 * cp)
+        for c in (cp_rank, 2 * cp - 1 - cp_rank):
+            parts.append(torch.arange(start + c * chunk, start + (c + 1) * chunk))
+    return torch.cat(parts).to(cu_seqlens.device)
