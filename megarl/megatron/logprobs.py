@@ -94,11 +94,9 @@ class _ChunkedVocabParallelLogProbEntropy(torch.autograd.Function):
         row_max = torch.empty(n, dtype=torch.float32, device=hidden.device)
         log_sum = torch.empty(n, dtype=torch.float32, device=hidden.device)
 
-        hack = []
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             z = _chunk_logits(hidden[start:end], weight, temperature)
-            hack.append(z.clone())
             m = z.amax(dim=-1)
             if distributed:
                 dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
@@ -122,13 +120,7 @@ class _ChunkedVocabParallelLogProbEntropy(torch.autograd.Function):
                 # H = lse - E[z] = log s - E[z - m]: no cancellation between two large numbers.
                 entropy[start:end] = log_s - packed[2] / packed[0]
 
-        import os
-        if os.environ.get("HACK") == "ctx":
-            ctx.full = torch.cat(hack)
-            ctx.save_for_backward(hidden, weight, labels, row_max, log_sum, entropy)
-        else:
-            ctx.save_for_backward(hidden, weight, labels, row_max, log_sum, entropy, torch.cat(hack))
-        del hack
+        ctx.save_for_backward(hidden, weight, labels, row_max, log_sum, entropy)
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
@@ -142,7 +134,7 @@ class _ChunkedVocabParallelLogProbEntropy(torch.autograd.Function):
     def backward(
         ctx: Any, g_logp: Tensor | None, g_entropy: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        hidden, weight, labels, row_max, log_sum, entropy = ctx.saved_tensors[:6]
+        hidden, weight, labels, row_max, log_sum, entropy = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         nones = (None,) * 6
         if not ctx.with_entropy:

@@ -73,7 +73,9 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, float | None]:
         return float(theta), None
     if kind == "llama3":
         return float(theta), float(rope.get("factor", 8.0))
-    raise ConfigError("model.hf_config.rope_parameters.rope_type", kind, "supported: default, llama3")
+    raise ConfigError(
+        "model.hf_config.rope_parameters.rope_type", kind, "supported: default, llama3"
+    )
 
 
 def architecture(hf: Mapping[str, Any]) -> ModelArchitecture:
@@ -101,13 +103,18 @@ def transformer_config_from_hf(
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
-            "model.hf_config.model_type", model_type, f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            "model.hf_config.model_type",
+            model_type,
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}",
         )
+    architecture(hf)  # validates the rope and vocabulary fields GPTModel will need
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError("model.hf_config.hidden_act", hf.get("hidden_act"), "supported: silu")
     if dtype not in _DTYPES:
         raise ConfigError("model.dtype", dtype, f"must be one of {', '.join(_DTYPES)}")
-    use_te = transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
+    use_te = (
+        transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
+    )
     if use_te and not transformer_engine_available():
         raise ConfigError(
             "model.transformer_engine", True, "transformer-engine is not installed: "
@@ -136,7 +143,6 @@ def transformer_config_from_hf(
             moe_z_loss_coeff=None,
             moe_router_dtype="fp32",
             moe_router_fusion=False,
-            moe_token_dispatcher_type="alltoall",
             moe_grouped_gemm=use_te,
             moe_permute_fusion=False,
             moe_enable_routing_replay=routing_replay,
@@ -181,6 +187,7 @@ def transformer_config_from_hf(
         sequence_parallel=parallel.use_sequence_parallel,
         calculate_per_token_loss=True,  # see megarl/megatron/loss.py: the schedule must not scale
         variable_seq_lengths=True,  # packed micro-batches differ in length
+        moe_token_dispatcher_type="alltoall",  # megatron rejects allgather with variable lengths
         bias_dropout_fusion=fused,
         masked_softmax_fusion=fused,
         gradient_accumulation_fusion=False,
@@ -201,7 +208,9 @@ def build_model(
     use_transformer_engine: bool | None = None,
 ) -> list[GPTModel]:
     """This rank's model chunks: one per virtual pipeline stage (one without VPP)."""
-    use_te = transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
+    use_te = (
+        transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
+    )
     arch = architecture(hf)
     vpp = config.virtual_pipeline_model_parallel_size or 1
     chunks = []

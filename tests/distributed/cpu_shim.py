@@ -125,7 +125,7 @@ def install() -> None:
     import megatron.core.fusions.fused_softmax as fused_softmax
     import megatron.core.transformer.utils as tutils
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def cpu_causal_mask(sq: int) -> torch.Tensor:
         return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 

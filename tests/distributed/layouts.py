@@ -32,7 +32,6 @@ from tests.distributed import cpu_shim  # noqa: E402
 
 cpu_shim.install()
 
-from megatron.core import parallel_state as ps  # noqa: E402
 
 from megarl.config import ModelFacts, ParallelConfig, TrainerConfig  # noqa: E402
 from megarl.losses import validate_loss_params  # noqa: E402
@@ -45,8 +44,11 @@ from megarl.megatron.loss import (  # noqa: E402
 from megarl.megatron.model import build_model, transformer_config_from_hf, wrap_ddp  # noqa: E402
 from megarl.megatron.optimizer import build_optimizer  # noqa: E402
 from megarl.megatron.packing import TrainSample, cp_partition_index, make_micro_batches  # noqa: E402
-from megarl.megatron.parallel import destroy_parallel, init_process_group  # noqa: E402
-from megarl.megatron.parallel import initialize_parallel  # noqa: E402
+from megarl.megatron.parallel import (  # noqa: E402
+    destroy_parallel,
+    init_process_group,
+    initialize_parallel,  # noqa: E402
+)
 from megarl.megatron.step import (  # noqa: E402
     ForwardOptions,
     attach_schedule_hooks,
@@ -201,11 +203,35 @@ def reference(out_path: str) -> None:
             "loss": res.metrics["loss/total"], "grad_norm": res.grad_norm, "grads": grads,
             "params": params, "metrics": res.metrics,
         }
+    ok &= check_nonfinite_skip(parallel, state, samples, record["losses"]["gspo"])
     torch.save(record, out_path)
     log(f"reference written in {time.time() - t0:.1f}s")
     destroy_parallel()
     dist.destroy_process_group()
     sys.exit(0 if ok else 1)
+
+
+def check_nonfinite_skip(parallel, state, samples, expected) -> bool:
+    """A NaN gradient skips the update and leaves no trace: the next good step equals the
+    reference's first step (same params, Adam state untouched by the skipped step)."""
+    initialize_parallel(parallel, FACTS, seed=1234)
+    models, optimizer = build(parallel, state)
+    poisoned = [TrainSample(s.tokens, s.loss_mask, s.advantages, s.old_logprobs, s.ref_logprobs)
+                for s in samples]
+    poisoned[1].advantages = torch.tensor(float("nan"))
+    bad = train_step(models, optimizer, make_micro_batches(poisoned, num_micro_batches=2),
+                     LOSSES["gspo"], OPTIONS)
+    unchanged = max(float((p - state[k]).abs().max()) for k, p in full_params(models).items())
+    good, _, params = run_step(models, optimizer, make_micro_batches(samples, num_micro_batches=1),
+                               LOSSES["gspo"])
+    errs = {
+        "skipped": 0.0 if bad.skipped and bad.metrics["train/skipped_update"] == 1.0 else 1.0,
+        "unchanged": unchanged,
+        "next_step_params": max(float((params[k] - v).abs().max())
+                                for k, v in expected["params"].items()),
+        "next_step_skipped": float(good.skipped),
+    }
+    return report("nonfinite-skip", "gspo", errs, 0.0)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

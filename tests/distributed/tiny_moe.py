@@ -88,11 +88,14 @@ def load_full_state(models: list[torch.nn.Module], full: dict[str, torch.Tensor]
                 param.copy_(shard)
 
 
-def sharded(models: list[torch.nn.Module], full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def sharded(
+    models: list[torch.nn.Module], full: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """{full name: this rank's shard} of a full tensor dict (grads, params after a step)."""
     out = {}
     for model in models:
         names = local_names(model)
         for name, param in model.named_parameters():
-            out[names[name]] = shard_of(full[names[name]], name, param, model.config.gated_linear_unit)
+            gated = model.config.gated_linear_unit
+            out[names[name]] = shard_of(full[names[name]], name, param, gated)
     return out

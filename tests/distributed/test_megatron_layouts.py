@@ -1,0 +1,65 @@
+"""Every megatron layout equals the single-rank run (tests/distributed/layouts.py).
+
+Four launches: the single-rank reference (which also checks 1 / 2 / 4 micro-batches and the
+non-finite skip), then one torchrun per world size (2, 4, 8) looping over its layouts. Each
+layout x loss prints a CASE line; a case that did not run fails here as surely as one that
+failed there.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).with_name("layouts.py")
+LOSSES = ("dapo-token-mean", "grpo-seq-mean", "gspo", "up_gspo")
+LAUNCHES = {
+    2: ("tp2", "pp2", "ep2", "dp2", "cp2loss"),
+    4: ("tp2ep2", "tp2pp2", "pp2ep2"),
+    8: ("tp2pp2ep2",),
+}
+
+
+def _run(args: list[str], timeout: int = 600) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{output[-6000:]}"
+    return output
+
+
+def _assert_cases(output: str, layouts: tuple[str, ...], losses: tuple[str, ...]) -> None:
+    lines = [line for line in output.splitlines() if line.startswith("CASE ")]
+    for layout in layouts:
+        for loss in losses:
+            hits = [line for line in lines if line.split()[1:3] == [layout, loss]]
+            assert hits, f"case {layout} {loss} did not run:\n" + "\n".join(lines)
+            assert all(line.split()[3] == "PASS" for line in hits), "\n".join(hits)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("megatron") / "reference.pt"
+    output = _run([sys.executable, str(SCRIPT), "reference", str(out)])
+    return out, output
+
+
+def test_micro_batch_split_invariance_and_nonfinite_skip(reference: tuple[Path, str]) -> None:
+    _, output = reference
+    _assert_cases(output, ("microbatches2", "microbatches4"), LOSSES)
+    _assert_cases(output, ("nonfinite-skip",), ("gspo",))
+
+
+@pytest.mark.parametrize("world_size", sorted(LAUNCHES))
+def test_layouts_equal_single_rank(reference: tuple[Path, str], world_size: int) -> None:
+    ref_path, _ = reference
+    layouts = LAUNCHES[world_size]
+    output = _run([
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={world_size}", str(SCRIPT), "compare", str(ref_path), *layouts,
+    ])  # fmt: skip
+    _assert_cases(output, layouts, LOSSES)
