@@ -186,7 +186,9 @@ def transformer_config_from_hf(
         expert_tensor_parallel_size=parallel.expert_tp,
         sequence_parallel=parallel.use_sequence_parallel,
         calculate_per_token_loss=True,  # see megarl/megatron/loss.py: the schedule must not scale
-        variable_seq_lengths=True,  # packed micro-batches differ in length
+        # packed micro-batches differ in length; megatron's interleaved (VPP) schedule deadlocks
+        # exchanging variable shapes, so with VPP rows are padded to one length instead
+        variable_seq_lengths=(parallel.vpp or 1) == 1,
         moe_token_dispatcher_type="alltoall",  # megatron rejects allgather with variable lengths
         bias_dropout_fusion=fused,
         masked_softmax_fusion=fused,

@@ -215,6 +215,26 @@ def make_micro_batches(
     return [pack_samples(g, seq_multiple=seq_multiple, row_multiple=row_multiple) for g in groups]
 
 
+def pad_row(mb: PackedMicroBatch, length: int) -> PackedMicroBatch:
+    """`mb` with its row extended to `length` by a padding segment (never trained)."""
+    tail = length - mb.row_length
+    if tail < 0:
+        raise ValueError(f"cannot pad a row of {mb.row_length} tokens to {length}")
+    if tail == 0:
+        return mb
+
+    def ext(t: Tensor | None, fill: float | bool = 0) -> Tensor | None:
+        return None if t is None else torch.cat([t, t.new_full((tail,), fill)])
+
+    cu = torch.cat([mb.cu_seqlens, mb.cu_seqlens.new_tensor([length])])
+    return PackedMicroBatch(
+        input_ids=ext(mb.input_ids), labels=ext(mb.labels), loss_mask=ext(mb.loss_mask, False),
+        advantages=ext(mb.advantages), old_logprobs=ext(mb.old_logprobs),
+        ref_logprobs=ext(mb.ref_logprobs), cu_seqlens=cu, sample_starts=mb.sample_starts,
+        sample_lengths=mb.sample_lengths, extras=mb.extras,
+    )  # fmt: skip
+
+
 def segment_ids(cu_seqlens: Tensor, length: int) -> Tensor:
     """``[T]`` segment index of each row position."""
     positions = torch.arange(length, device=cu_seqlens.device)

@@ -30,7 +30,12 @@ from megarl.megatron.loss import (
     global_counts,
     policy_loss_share,
 )
-from megarl.megatron.packing import PackedMicroBatch, block_causal_mask, cp_partition_index
+from megarl.megatron.packing import (
+    PackedMicroBatch,
+    block_causal_mask,
+    cp_partition_index,
+    pad_row,
+)
 from megarl.megatron.parallel import data_parallel_group
 from megarl.metrics import MetricAccumulator
 
@@ -129,6 +134,9 @@ def _run_schedule(
     forward_only: bool, force_all_reduce: bool = False,
 ) -> list[Any]:  # fmt: skip
     vpp = len(models)
+    if not models[0].config.variable_seq_lengths:  # interleaved (VPP) schedule: one fixed shape
+        length = max(mb.row_length for mb in micro_batches)
+        micro_batches = [pad_row(mb, length) for mb in micro_batches]
     iterators = [iter(micro_batches) for _ in range(vpp)]
     return get_forward_backward_func()(
         forward_step_func=forward_step,
@@ -259,7 +267,10 @@ def compute_logprobs(
     device = next(models[0].parameters()).device
     for i, mb in enumerate(micro_batches):
         shape = (mb.row_length, 2) if with_entropy else (mb.row_length,)
-        row = outputs[i]["row"] if last else torch.empty(shape, dtype=torch.float32, device=device)
+        if last:  # rows padded for a fixed-shape (VPP) schedule are cut back to the batch's
+            row = outputs[i]["row"][: mb.row_length].contiguous()
+        else:
+            row = torch.empty(shape, dtype=torch.float32, device=device)
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(row, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())

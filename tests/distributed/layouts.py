@@ -6,13 +6,15 @@
 ``reference`` (one rank) builds the tiny Qwen3-MoE, draws the samples, and records per loss the
 loss, per-token log-probs and entropy, every gradient, the grad norm and the parameters after one
 Adam step; it also checks that 1, 2 and 4 micro-batches give the same loss, gradients and
-parameters. ``compare`` runs each LAYOUT (tp2, pp2, ep2, dp2, tp2ep2, tp2pp2, pp2ep2, tp2pp2ep2,
-cp2loss) from the same full weights and asserts equality to ``TOL``. Each case prints one line
-``CASE <layout> <loss> PASS|FAIL <worst errors>``; the exit code is non-zero on any failure.
+parameters. ``compare`` runs each LAYOUT (tp2, pp2, pp2vpp2, ep2, dp2, tp2ep2, tp2pp2, pp2ep2,
+tp2pp2ep2, cp2loss) from the same full weights and asserts equality to ``TOL``. Each case prints
+one line ``CASE <layout> <loss> PASS|FAIL <worst errors>``; the exit code is non-zero on any
+failure.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import sys
@@ -31,6 +33,8 @@ import torch.distributed as dist  # noqa: E402
 from tests.distributed import cpu_shim  # noqa: E402
 
 cpu_shim.install()
+if os.environ.get("MEGARL_DUMP_AFTER"):  # a hang prints every thread's stack after N seconds
+    faulthandler.dump_traceback_later(int(os.environ["MEGARL_DUMP_AFTER"]))
 
 
 from megarl.config import ModelFacts, ParallelConfig, TrainerConfig  # noqa: E402
@@ -77,6 +81,7 @@ LOSSES: dict[str, PolicyObjective] = {
 LAYOUTS = {
     "tp2": dict(tp=2),
     "pp2": dict(pp=2),
+    "pp2vpp2": dict(pp=2, vpp=2),
     "ep2": dict(ep=2),
     "dp2": dict(),
     "tp2ep2": dict(tp=2, ep=2),

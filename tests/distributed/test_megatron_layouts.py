@@ -18,14 +18,15 @@ import pytest
 SCRIPT = Path(__file__).with_name("layouts.py")
 LOSSES = ("dapo-token-mean", "grpo-seq-mean", "gspo", "up_gspo")
 LAUNCHES = {
-    2: ("tp2", "pp2", "ep2", "dp2", "cp2loss"),
+    2: ("tp2", "pp2", "pp2vpp2", "ep2", "dp2", "cp2loss"),
     4: ("tp2ep2", "tp2pp2", "pp2ep2"),
     8: ("tp2pp2ep2",),
 }
 
 
 def _run(args: list[str], timeout: int = 600) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "MEGARL_DUMP_AFTER": str(timeout - 60)}
     proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"exit {proc.returncode}\n{output[-6000:]}"
