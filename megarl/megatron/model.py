@@ -30,6 +30,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megarl.config import ParallelConfig
 from megarl.errors import ConfigError
+from megarl.megatron.parallel import megatron_sizes
 
 SUPPORTED_MODEL_TYPES = ("qwen3_moe", "qwen3", "llama")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -178,12 +179,7 @@ def transformer_config_from_hf(
         bf16=params_dtype is torch.bfloat16,
         fp16=params_dtype is torch.float16,
         use_cpu_initialization=not on_gpu,
-        tensor_model_parallel_size=parallel.tp,
-        pipeline_model_parallel_size=parallel.pp,
-        virtual_pipeline_model_parallel_size=parallel.vpp if (parallel.vpp or 1) > 1 else None,
-        context_parallel_size=parallel.cp,
-        expert_model_parallel_size=parallel.ep,
-        expert_tensor_parallel_size=parallel.expert_tp,
+        **megatron_sizes(parallel),
         sequence_parallel=parallel.use_sequence_parallel,
         calculate_per_token_loss=True,  # see megarl/megatron/loss.py: the schedule must not scale
         # packed micro-batches differ in length; megatron's interleaved (VPP) schedule deadlocks

@@ -103,16 +103,21 @@ def initialize_parallel(
         raise RuntimeError("call megarl.megatron.parallel.init_process_group() first")
     resolved = check_layout(parallel, facts, dist.get_world_size())
     destroy_parallel()
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=resolved.tp,
-        pipeline_model_parallel_size=resolved.pp,
-        virtual_pipeline_model_parallel_size=resolved.vpp if (resolved.vpp or 1) > 1 else None,
-        context_parallel_size=resolved.cp,
-        expert_model_parallel_size=resolved.ep,
-        expert_tensor_parallel_size=resolved.expert_tp,
-    )
+    ps.initialize_model_parallel(**megatron_sizes(resolved))
     seed_everything(seed)
     return current_layout(resolved)
+
+
+def megatron_sizes(parallel: ParallelConfig) -> dict[str, int | None]:
+    """The layout in megatron-core's keyword names (shared by the groups and the model config)."""
+    return {
+        "tensor_model_parallel_size": parallel.tp,
+        "pipeline_model_parallel_size": parallel.pp,
+        "virtual_pipeline_model_parallel_size": parallel.vpp if (parallel.vpp or 1) > 1 else None,
+        "context_parallel_size": parallel.cp,
+        "expert_model_parallel_size": parallel.ep,
+        "expert_tensor_parallel_size": parallel.expert_tp,
+    }
 
 
 def current_layout(resolved: ParallelConfig) -> ParallelLayout:
