@@ -29,6 +29,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 
 from megarl.config import ParallelConfig
+from megarl.convert.mapping import Architecture, num_experts_of
 from megarl.errors import ConfigError
 from megarl.megatron.parallel import megatron_sizes
 
@@ -57,13 +58,9 @@ class ModelArchitecture:
 
 def moe_layer_pattern(hf: Mapping[str, Any]) -> list[int] | None:
     """1 = MoE layer, 0 = dense, from ``decoder_sparse_step`` / ``mlp_only_layers``."""
-    experts = hf.get("num_experts") or 0
-    if experts <= 0:
+    if num_experts_of(hf) <= 0:
         return None
-    step = int(hf.get("decoder_sparse_step", 1) or 1)
-    dense = set(hf.get("mlp_only_layers") or [])
-    layers = int(hf["num_hidden_layers"])
-    return [int(i not in dense and (i + 1) % step == 0) for i in range(layers)]
+    return [int(moe) for moe in Architecture.from_hf(hf).moe_layers]
 
 
 def _rope(hf: Mapping[str, Any]) -> tuple[float, float | None]:
@@ -133,7 +130,7 @@ def transformer_config_from_hf(
     moe: dict[str, Any] = {}
     if pattern is not None:
         moe = dict(
-            num_moe_experts=int(hf["num_experts"]),
+            num_moe_experts=num_experts_of(hf),
             moe_router_topk=int(hf["num_experts_per_tok"]),
             moe_ffn_hidden_size=int(hf["moe_intermediate_size"]),
             moe_layer_freq=pattern,
