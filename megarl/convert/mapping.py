@@ -187,6 +187,14 @@ def tensor_maps(arch: Architecture, scheme: Scheme = "local") -> Iterator[Tensor
         yield TensorMap("output_layer.weight", ("lm_head.weight",), "copy", (arch.vocab, h))
 
 
+def tied_output_map(arch: Architecture) -> TensorMap:
+    """With tied embeddings and PP > 1, megatron's last stage keeps its own copy of the
+    embedding as ``output_layer.weight`` (kept equal by megatron); it loads from the embedding
+    and is never exported (the first stage's embedding is the source)."""
+    return TensorMap("output_layer.weight", ("model.embed_tokens.weight",), "copy",
+                     (arch.vocab, arch.hidden))
+
+
 def hf_names(arch: Architecture) -> list[str]:
     """Every HF tensor name the architecture has (scheme-independent)."""
     return [name for tm in tensor_maps(arch) for name in tm.hf]

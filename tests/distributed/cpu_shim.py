@@ -4,7 +4,8 @@ megatron-core assumes CUDA in a few dozen places (``torch.cuda.current_device()`
 the CUDA RNG tracker, ``device="cuda"`` in the schedules and the optimizer, side streams in the
 alltoall dispatcher, ``is_cuda`` checks) and gloo lacks uneven ``all_gather``. Every patch below
 replaces one Python attribute; each is needed by at least one test in tests/distributed (see
-shared/notes/megatron-on-cpu.md §3 for the failure each one fixes).
+shared/notes/megatron-on-cpu.md §3 for the failure each one fixes; 11 is ours: tied
+embeddings under pipeline parallelism).
 
 Import it BEFORE building a model and ONLY in CPU test processes: ``install()`` refuses to run
 when CUDA is available, so a GPU run can never be silently shimmed.
@@ -217,5 +218,13 @@ def install() -> None:
         for method in ("step", "step_with_ready_grads", "prepare_grads"):
             if method in vars(cls):
                 setattr(cls, method, _wrap_in_cpu_mode(vars(cls)[method]))
+
+    # (11) Tied embeddings under PP: the last stage's copy of the embedding is moved with
+    #      `.cuda()` while the model is built (language_module.setup_embeddings_and_output_layer).
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    LanguageModule.setup_embeddings_and_output_layer = _wrap_in_cpu_mode(
+        LanguageModule.setup_embeddings_and_output_layer
+    )
 
     _installed = True

@@ -167,7 +167,7 @@ def with_old_logprobs(samples, rows, micro_batches, seed: int = 1):
 
 
 # --------------------------------------------------------------------------------------------
-def reference(out_path: str) -> None:
+def reference(out_path: str, conversions: list[str]) -> None:
     init_process_group("gloo", timeout_s=120)
     t0 = time.time()
     parallel = ParallelConfig()
@@ -212,6 +212,7 @@ def reference(out_path: str) -> None:
     torch.save(record, out_path)
     log(f"reference written in {time.time() - t0:.1f}s")
     destroy_parallel()
+    ok &= compare_conversions(conversions)
     dist.destroy_process_group()
     sys.exit(0 if ok else 1)
 
@@ -335,10 +336,35 @@ def compare_cp_loss(ref: dict) -> bool:
     return ok
 
 
+def compare_conversions(cases: list[str]) -> bool:
+    """``convert-<model>-<layout>`` cases (tests/distributed/conversion_cases.py); the tiny HF
+    checkpoints are in $MEGARL_TEST_HF_ROOT."""
+    from tests.distributed.conversion_cases import passes, run_case
+
+    root = Path(os.environ["MEGARL_TEST_HF_ROOT"])
+    ok, previous = True, {}
+    for case in cases:
+        _, model_type, layout = case.split("-", 2)
+        t0 = time.time()
+        errs = run_case(model_type, layout, root, previous.get(model_type))
+        previous[model_type] = root / f"exported-{model_type}-{layout}"
+        keys = sorted(errs)  # every rank has the same keys; rank 0 has no logits under PP
+        worst = torch.tensor([errs[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        errs = dict(zip(keys, worst.tolist(), strict=True))
+        flag = torch.tensor([1.0 if passes(errs) else 0.0])
+        log(f"CASE {case} hf {'PASS' if flag.item() else 'FAIL'} "
+            + " ".join(f"{k}={v:.1e}" for k, v in errs.items()) + f" ({time.time() - t0:.1f}s)")
+        ok &= bool(flag.item())
+    return ok
+
+
 def compare(ref_path: str, layouts: list[str]) -> None:
     init_process_group("gloo", timeout_s=180)
-    ref = torch.load(ref_path, weights_only=False)
-    ok = True
+    conversions = [c for c in layouts if c.startswith("convert-")]
+    layouts = [c for c in layouts if not c.startswith("convert-")]
+    ref = torch.load(ref_path, weights_only=False) if layouts else None
+    ok = compare_conversions(conversions)
     for layout in layouts:
         if layout.startswith("cp") and layout.endswith("loss"):
             ok &= compare_cp_loss(ref)
@@ -351,7 +377,7 @@ def compare(ref_path: str, layouts: list[str]) -> None:
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "reference":
-        reference(sys.argv[2])
+        reference(sys.argv[2], sys.argv[3:])
     elif mode == "compare":
         compare(sys.argv[2], sys.argv[3:])
     else:

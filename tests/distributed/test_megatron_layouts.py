@@ -1,4 +1,5 @@
-"""Every megatron layout equals the single-rank run (tests/distributed/layouts.py).
+"""Every megatron layout equals the single-rank run, and HF <-> Megatron conversion is exact in
+every layout (tests/distributed/layouts.py).
 
 Four launches: the single-rank reference (which also checks 1 / 2 / 4 micro-batches and the
 non-finite skip), then one torchrun per world size (2, 4, 8) looping over its layouts. Each
@@ -22,10 +23,21 @@ LAUNCHES = {
     4: ("tp2ep2", "tp2pp2", "pp2ep2"),
     8: ("tp2pp2ep2",),
 }
+# HF <-> Megatron conversion (tests/distributed/conversion_cases.py), in the same launches;
+# consecutive cases of one model also check Megatron(previous layout) -> HF -> Megatron(this).
+CONVERSIONS = {
+    1: ("convert-qwen3_moe-1", "convert-qwen3-1", "convert-llama-1"),
+    2: ("convert-qwen3_moe-tp2", "convert-qwen3_moe-pp2", "convert-qwen3_moe-ep2",
+        "convert-qwen3-tp2", "convert-qwen3-pp2", "convert-llama-tp2", "convert-llama-pp2"),
+    4: ("convert-qwen3_moe-tp2", "convert-qwen3_moe-tp2ep2", "convert-qwen3-pp2",
+        "convert-qwen3-tp2pp2", "convert-llama-tp2pp2"),
+    8: ("convert-qwen3_moe-tp2pp2ep2",),
+}
 
 
-def _run(args: list[str], timeout: int = 600) -> str:
+def _run(args: list[str], hf_root: Path, timeout: int = 600) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "MEGARL_TEST_HF_ROOT": str(hf_root),
            "MEGARL_DUMP_AFTER": str(timeout - 60)}
     proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
     output = proc.stdout + proc.stderr
@@ -43,9 +55,20 @@ def _assert_cases(output: str, layouts: tuple[str, ...], losses: tuple[str, ...]
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def hf_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny transformers checkpoints: Qwen3-MoE (8 experts top-2, GQA 4:1, qk-norm), Qwen3
+    dense (tied embeddings) and Llama."""
+    from tests.distributed.conversion_cases import write_tiny_checkpoints
+
+    root = tmp_path_factory.mktemp("hf")
+    write_tiny_checkpoints(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, hf_root: Path) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("megatron") / "reference.pt"
-    output = _run([sys.executable, str(SCRIPT), "reference", str(out)])
+    output = _run([sys.executable, str(SCRIPT), "reference", str(out), *CONVERSIONS[1]], hf_root)
     return out, output
 
 
@@ -55,12 +78,21 @@ def test_micro_batch_split_invariance_and_nonfinite_skip(reference: tuple[Path, 
     _assert_cases(output, ("nonfinite-skip",), ("gspo",))
 
 
+def test_hf_conversion_on_one_rank(reference: tuple[Path, str]) -> None:
+    _, output = reference
+    _assert_cases(output, CONVERSIONS[1], ("hf",))
+
+
 @pytest.mark.parametrize("world_size", sorted(LAUNCHES))
-def test_layouts_equal_single_rank(reference: tuple[Path, str], world_size: int) -> None:
+def test_layouts_equal_single_rank_and_hf(
+    reference: tuple[Path, str], hf_root: Path, world_size: int
+) -> None:
     ref_path, _ = reference
-    layouts = LAUNCHES[world_size]
+    layouts, conversions = LAUNCHES[world_size], CONVERSIONS[world_size]
     output = _run([
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={world_size}", str(SCRIPT), "compare", str(ref_path), *layouts,
-    ])  # fmt: skip
+        *conversions,
+    ], hf_root)  # fmt: skip
     _assert_cases(output, layouts, LOSSES)
+    _assert_cases(output, conversions, ("hf",))

@@ -1,0 +1,149 @@
+"""HF <-> Megatron conversion checks, run inside the launches of tests/distributed/layouts.py.
+
+For a tiny transformers checkpoint (Qwen3-MoE, Qwen3 dense, Llama) and a layout:
+- HF -> Megatron (live load): Megatron logits equal transformers' logits (fp32, 1e-5);
+- Megatron -> HF (streamed export): every tensor is bit-identical to the source checkpoint;
+- Megatron(previous layout of the launch) -> HF dir -> Megatron(this layout): identical logits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+from megarl.config import ModelFacts, ParallelConfig
+from megarl.convert.hf_io import HFCheckpoint
+from megarl.megatron.model import build_model, transformer_config_from_hf
+from megarl.megatron.parallel import destroy_parallel, initialize_parallel
+from megarl.megatron.weights import export_hf_weights, load_hf_weights, save_hf_checkpoint
+
+TINY_HF: dict[str, dict[str, Any]] = {
+    "qwen3_moe": {
+        "model_type": "qwen3_moe", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48,
+        "moe_intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 8,
+        "num_key_value_heads": 2, "head_dim": 8, "num_experts": 8, "num_experts_per_tok": 2,
+        "norm_topk_prob": True, "max_position_embeddings": 64, "tie_word_embeddings": False,
+        "initializer_range": 0.1, "rope_theta": 10000.0,
+    },
+    "qwen3": {
+        "model_type": "qwen3", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 8, "max_position_embeddings": 64, "tie_word_embeddings": True,
+        "initializer_range": 0.1,
+    },
+    "llama": {
+        "model_type": "llama", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 64, "tie_word_embeddings": False, "initializer_range": 0.1,
+    },
+}  # fmt: skip
+LAYOUTS = {
+    "1": {}, "tp2": {"tp": 2}, "pp2": {"pp": 2}, "ep2": {"ep": 2}, "tp2ep2": {"tp": 2, "ep": 2},
+    "tp2pp2": {"tp": 2, "pp": 2}, "tp2pp2ep2": {"tp": 2, "pp": 2, "ep": 2},
+}  # fmt: skip
+TOL = 1e-5
+
+
+def write_tiny_checkpoints(root: Path) -> None:
+    """One transformers checkpoint per model type, with non-trivial norm weights."""
+    import transformers
+
+    for model_type, config in TINY_HF.items():
+        torch.manual_seed(0)
+        cfg = transformers.AutoConfig.for_model(**config)
+        model = transformers.AutoModelForCausalLM.from_config(cfg).float()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.copy_(1.0 + 0.1 * torch.randn_like(p))
+        model.save_pretrained(root / model_type)
+
+
+def _hf_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).float().eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def forward_logits(models: list[Any], ids: torch.Tensor) -> torch.Tensor | None:
+    """Full-vocabulary logits ``[b, s, V]`` on the last pipeline stage (None elsewhere)."""
+    b, s = ids.shape
+    position_ids = torch.arange(s).unsqueeze(0).expand(b, -1)
+
+    def step(iterator, model):
+        batch = next(iterator)
+
+        def collect(output):
+            full = gather_from_tensor_model_parallel_region(output)
+            return output.new_zeros(()), torch.tensor(0, dtype=torch.int), {"logits": full}
+
+        return model(batch, position_ids, None), collect
+
+    with torch.no_grad():
+        out = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=[iter([ids]) for _ in models]
+            if len(models) > 1 else iter([ids]), model=models, num_microbatches=1,
+            seq_length=s, micro_batch_size=b, forward_only=True,
+        )  # fmt: skip
+    return out[0]["logits"] if ps.is_pipeline_last_stage() else None
+
+
+def load(path: Path, layout: str) -> tuple[list[Any], dict[str, Any]]:
+    checkpoint = HFCheckpoint(path)
+    parallel = ParallelConfig(**LAYOUTS[layout])
+    initialize_parallel(parallel, ModelFacts.from_hf(checkpoint.config), seed=7)
+    config = transformer_config_from_hf(checkpoint.config, parallel, dtype="float32",
+                                        use_transformer_engine=False)
+    models = build_model(config, checkpoint.config, use_transformer_engine=False)
+    load_hf_weights(models, checkpoint)
+    return models, checkpoint.config
+
+
+def run_case(model_type: str, layout: str, root: Path, previous: Path | None) -> dict[str, float]:
+    """Worst errors of one (model, layout) case; writes this layout's export for the next."""
+    source = root / model_type
+    ids = torch.randint(0, TINY_HF[model_type]["vocab_size"], (2, 12),
+                        generator=torch.Generator().manual_seed(11))
+    expected = _hf_logits(source, ids)
+    models, config = load(source, layout)
+    logits = forward_logits(models, ids)
+    errs = {"logits": 0.0 if logits is None else float((logits - expected).abs().max())}
+
+    original = HFCheckpoint(source)
+    exported = dict(export_hf_weights(models, config))
+    names = set(original.names()) - ({"lm_head.weight"} if config["tie_word_embeddings"] else set())
+    bad = [n for n in names if n not in exported or not torch.equal(exported[n],
+                                                                      original.tensor(n))]
+    errs["export_mismatches"] = float(len(bad) + len(set(exported) - names))
+
+    out = root / f"exported-{model_type}-{layout}"
+    save_hf_checkpoint(models, str(out), config, tokenizer_from=str(source), overwrite=True,
+                       max_shard_bytes=50_000)
+    if previous is not None:  # Megatron(previous layout) -> HF -> Megatron(this layout)
+        destroy_parallel()
+        again, _ = load(previous, layout)
+        round_trip = forward_logits(again, ids)
+        errs["cross_layout"] = 0.0 if logits is None else \
+            float((round_trip - logits).abs().max())
+    else:
+        errs["cross_layout"] = 0.0
+    dist.barrier()
+    errs["written_files"] = 0.0
+    if dist.get_rank() == 0:
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        errs["written_files"] = 0.0 if len(set(index["weight_map"].values())) > 1 else 1.0
+    destroy_parallel()
+    return errs
+
+
+def passes(errs: dict[str, float]) -> bool:
+    return errs["logits"] <= TOL and all(v == 0.0 for k, v in errs.items() if k != "logits")
