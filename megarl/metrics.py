@@ -93,7 +93,7 @@ class MetricAccumulator:
             gathered: list[list[str] | None] = [None] * dist.get_world_size(group)
             dist.all_gather_object(gathered, names, group=group)
             names = sorted({n for ns in gathered for n in (ns or [])})
-        device = _comm_device(group) if distributed else torch.device("cpu")
+        device = comm_device(group) if distributed else torch.device("cpu")
 
         sum_names = [n for n in names if metric_kind(n) in ("mean", "sum")]
         max_names = [n for n in names if metric_kind(n) in ("min", "max")]
@@ -141,7 +141,8 @@ def _stack(values: list[Number], device: torch.device) -> torch.Tensor:
     )
 
 
-def _comm_device(group: dist.ProcessGroup | None) -> torch.device:
+def comm_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a tensor must live to be communicated over `group` (CUDA for NCCL)."""
     backend = str(dist.get_backend(group)).lower()
     if "nccl" in backend and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())

@@ -47,6 +47,7 @@ from megarl.config import AlgoConfig
 from megarl.losses import compute_policy_loss
 from megarl.losses.aggregation import aggregate_loss
 from megarl.megatron.packing import PackedMicroBatch
+from megarl.metrics import comm_device
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def global_counts(
         dtype=torch.float64,
     )
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
-        local = local.to(_comm_device(dp_group))
+        local = local.to(comm_device(dp_group))
         dist.all_reduce(local, group=dp_group)
     tokens, sequences = (int(v) for v in local.tolist())
     return GlobalCounts(num_tokens=tokens, num_sequences=sequences)
@@ -177,8 +178,3 @@ def policy_loss_share(
         metrics["loss/total"] = loss.detach()
     return loss, metrics
 
-
-def _comm_device(group: dist.ProcessGroup | None) -> torch.device:
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

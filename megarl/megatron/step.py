@@ -37,7 +37,7 @@ from megarl.megatron.packing import (
     pad_row,
 )
 from megarl.megatron.parallel import data_parallel_group
-from megarl.metrics import MetricAccumulator
+from megarl.metrics import MetricAccumulator, comm_device
 
 
 @dataclass(frozen=True)
@@ -211,8 +211,7 @@ def grads_are_finite(models: list[Any]) -> bool:
             if not torch.isfinite(buffer.grad_data).all():
                 bad.fill_(1.0)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            bad = bad.cuda()
+        bad = bad.to(comm_device())
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return bad.item() == 0.0
 
