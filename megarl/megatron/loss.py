@@ -46,7 +46,7 @@ from torch import Tensor
 from megarl.config import AlgoConfig
 from megarl.losses import compute_policy_loss
 from megarl.losses.aggregation import aggregate_loss
-from megarl.megatron.packing import PackedMicroBatch
+from megarl.megatron.packing import PackedMicroBatch, cp_partition_index
 from megarl.metrics import comm_device
 
 
@@ -109,15 +109,15 @@ class _GatherFromContextParallel(torch.autograd.Function):
     """Forward: whole rows from each CP rank's positions. Backward: sum over CP, own slice."""
 
     @staticmethod
-    def forward(ctx, local: Tensor, index: Tensor, full_length: int, group) -> Tensor:
-        world = dist.get_world_size(group)
+    def forward(ctx, local: Tensor, cu_seqlens: Tensor, group) -> Tensor:
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        # every rank's positions follow from cu_seqlens: no need to communicate them
+        indices = [cp_partition_index(cu_seqlens, world, r).to(local.device) for r in range(world)]
         pieces = [torch.empty_like(local) for _ in range(world)]
-        indices = [torch.empty_like(index) for _ in range(world)]
         dist.all_gather(pieces, local.contiguous(), group=group)
-        dist.all_gather(indices, index.contiguous(), group=group)
-        full = local.new_zeros(full_length)
+        full = local.new_zeros((int(cu_seqlens[-1]), *local.shape[1:]))
         full[torch.cat(indices)] = torch.cat(pieces)
-        ctx.save_for_backward(index)
+        ctx.save_for_backward(indices[rank])
         ctx.group = group
         return full
 
@@ -126,16 +126,17 @@ class _GatherFromContextParallel(torch.autograd.Function):
         (index,) = ctx.saved_tensors
         grad_full = grad_full.contiguous().clone()
         dist.all_reduce(grad_full, group=ctx.group)
-        return grad_full[index], None, None, None
+        return grad_full[index], None, None
 
 
 def gather_from_context_parallel(
-    local: Tensor, index: Tensor, full_length: int, group: dist.ProcessGroup | None
+    local: Tensor, cu_seqlens: Tensor, group: dist.ProcessGroup | None
 ) -> Tensor:
-    """``[t_local]`` values at row positions `index` -> the whole ``[T]`` row on every CP rank."""
+    """``[t_local, ...]`` values of this CP rank's positions (`cp_partition_index`) -> the whole
+    ``[T, ...]`` row on every CP rank."""
     if group is None or dist.get_world_size(group) == 1:
         return local
-    return _GatherFromContextParallel.apply(local, index, full_length, group)
+    return _GatherFromContextParallel.apply(local, cu_seqlens, group)
 
 
 def policy_loss_share(

@@ -72,13 +72,14 @@ def attach_schedule_hooks(models: list[Any]) -> None:
 
 def model_inputs(mb: PackedMicroBatch, options: ForwardOptions) -> dict[str, Any]:
     """This rank's slice of a packed row, as GPTModel arguments (batch dim 1)."""
-    cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
-    index = cp_partition_index(mb.cu_seqlens, cp, cp_rank)
-    length = mb.row_length
+    cp, length = ps.get_context_parallel_world_size(), mb.row_length
+    positions = torch.arange(length, device=mb.input_ids.device)
+    if cp > 1:
+        positions = cp_partition_index(mb.cu_seqlens, cp, ps.get_context_parallel_rank())
     inputs: dict[str, Any] = {
-        "input_ids": mb.input_ids[index].unsqueeze(0),
-        "labels": mb.labels[index].unsqueeze(0),
-        "position_ids": torch.arange(length, device=mb.input_ids.device)[index].unsqueeze(0),
+        "input_ids": mb.input_ids[positions].unsqueeze(0),
+        "labels": mb.labels[positions].unsqueeze(0),
+        "position_ids": positions.unsqueeze(0),
     }
     if options.thd:
         cu = mb.cu_seqlens.to(torch.int32)
@@ -122,11 +123,8 @@ def make_forward_step(
 def whole_rows(mb: PackedMicroBatch, output: Tensor) -> tuple[Tensor, Tensor]:
     """``[1, t_local, 2]`` processor output -> whole-row ``[T]`` log-probs and entropy."""
     cp_group = ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None
-    index = cp_partition_index(mb.cu_seqlens, ps.get_context_parallel_world_size(),
-                               ps.get_context_parallel_rank()).to(output.device)
-    logp = gather_from_context_parallel(output[0, :, 0], index, mb.row_length, cp_group)
-    entropy = gather_from_context_parallel(output[0, :, 1], index, mb.row_length, cp_group)
-    return logp, entropy
+    rows = gather_from_context_parallel(output[0], mb.cu_seqlens.to(output.device), cp_group)
+    return rows[:, 0], rows[:, 1]
 
 
 def _run_schedule(
