@@ -59,7 +59,12 @@ from megarl.megatron.step import (  # noqa: E402
     compute_logprobs,
     train_step,
 )
-from tests.distributed.tiny_moe import TINY_QWEN3_MOE, load_full_state, sharded  # noqa: E402
+from tests.distributed.tiny_moe import (  # noqa: E402
+    TINY_QWEN3_MOE,
+    load_full_state,
+    local_names,
+    sharded,
+)
 
 TOL = 1e-5
 NUM_SAMPLES = 8
@@ -125,8 +130,6 @@ def build(parallel: ParallelConfig, full_state: dict[str, torch.Tensor] | None):
 
 
 def full_params(models) -> dict[str, torch.Tensor]:
-    from tests.distributed.tiny_moe import local_names
-
     out = {}
     for model in models:
         names = local_names(model)
@@ -139,8 +142,6 @@ def run_step(models, optimizer, micro_batches, spec):
     grads: dict[str, torch.Tensor] = {}
 
     def keep(ms):
-        from tests.distributed.tiny_moe import local_names
-
         for model in ms:
             names = local_names(model)
             for name, p in model.named_parameters():

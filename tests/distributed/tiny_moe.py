@@ -1,18 +1,19 @@
-"""The tiny Qwen3-MoE of the distributed tests, and full <-> local parameter sharding.
+"""The tiny Qwen3-MoE of the distributed tests, and full <-> local parameters.
 
-The reference run (one rank) owns the FULL parameters; every layout copies its shard of them,
-so all layouts start from identical weights. Sharding follows megatron-core's own parameter
-attributes (``tensor_model_parallel``, ``partition_dim``), its global layer offset and the
-expert-parallel rank; gated ``linear_fc1`` shards are ``[gate_shard; up_shard]``.
+The reference run (one rank) owns the FULL parameters (global Megatron names); every layout
+copies its shards of them, so all layouts start from identical weights. Names and shards come
+from megarl's own map (`megarl.convert`), the one the converters use.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
-from megatron.core import parallel_state as ps
+
+from megarl.convert.mapping import Architecture, tensor_maps
+from megarl.convert.sharding import local_name, owned, shard
+from megarl.megatron.weights import coordinates, scheme_of
 
 TINY_QWEN3_MOE: dict[str, Any] = {
     "model_type": "qwen3_moe",
@@ -38,64 +39,36 @@ TINY_QWEN3_MOE: dict[str, Any] = {
     "initializer_range": 0.1,
 }
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+ARCH = Architecture.from_hf(TINY_QWEN3_MOE)
 
 
 def local_names(model: torch.nn.Module) -> dict[str, str]:
-    """Local parameter name -> full (single-rank) name, for one model chunk."""
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
-    config = model.config
-    inner = model.module if hasattr(model, "module") else model
-    offset = get_transformer_layer_offset(config, vp_stage=getattr(inner, "vp_stage", None))
-    ep, ep_rank = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
-    per_rank = (config.num_moe_experts or 0) // ep
-    names = {}
-    for name, _ in model.named_parameters():
-        local = name.removeprefix("module.")
-        full = _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", local)
-        full = _EXPERT.sub(lambda m: f".local_experts.{int(m.group(1)) + ep_rank * per_rank}.",
-                           full)
-        names[name] = full
-    return names
-
-
-def shard_of(full: torch.Tensor, name: str, param: torch.nn.Parameter, gated: bool) -> torch.Tensor:
-    """This rank's shard of the full tensor `full` for parameter `param` (named `name`)."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return full
-    if ".experts." in name:
-        size = ps.get_expert_tensor_parallel_world_size()
-        rank = ps.get_expert_tensor_parallel_rank()
-    else:
-        size = ps.get_tensor_model_parallel_world_size()
-        rank = ps.get_tensor_model_parallel_rank()
-    if size == 1:
-        return full
-    if gated and name.endswith("linear_fc1.weight"):
-        return torch.cat([half.chunk(size, dim=0)[rank] for half in full.chunk(2, dim=0)])
-    return full.chunk(size, dim=param.partition_dim)[rank]
-
-
-def load_full_state(models: list[torch.nn.Module], full: dict[str, torch.Tensor]) -> None:
-    """Copy this rank's shards of the full state into the model chunks."""
-    with torch.no_grad():
-        for model in models:
-            names = local_names(model)
-            for name, param in model.named_parameters():
-                shard = shard_of(full[names[name]], name, param, model.config.gated_linear_unit)
-                param.copy_(shard)
+    """Parameter name in this chunk -> global (single-rank) name."""
+    at = coordinates(model)
+    by_local = {
+        local_name(tm, ARCH.num_layers, ARCH.num_experts, at): tm.megatron
+        for tm in tensor_maps(ARCH, scheme_of(model))
+        if owned(tm, ARCH.num_layers, ARCH.num_experts, at)
+    }
+    return {name: by_local[name.removeprefix("module.")] for name, _ in model.named_parameters()}
 
 
 def sharded(
     models: list[torch.nn.Module], full: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """{full name: this rank's shard} of a full tensor dict (grads, params after a step)."""
+    """{global name: this rank's shard} of a full tensor dict (params, grads, a step's result)."""
     out = {}
     for model in models:
-        names = local_names(model)
-        for name, param in model.named_parameters():
-            gated = model.config.gated_linear_unit
-            out[names[name]] = shard_of(full[names[name]], name, param, gated)
+        at = coordinates(model)
+        for global_name in local_names(model).values():
+            out[global_name] = shard(global_name, full[global_name], at)
     return out
+
+
+def load_full_state(models: list[torch.nn.Module], full: dict[str, torch.Tensor]) -> None:
+    """Copy this rank's shards of the full state into the model chunks."""
+    shards = sharded(models, full)
+    with torch.no_grad():
+        for model in models:
+            for name, param in model.named_parameters():
+                param.copy_(shards[local_names(model)[name]])
