@@ -150,26 +150,18 @@ def pack_samples(
         if has_ref:
             refs.append(torch.nn.functional.pad(_label_aligned(s.ref_logprobs.float(), 0.0),
                                                 (0, pad)))
-    total = bounds[-1]
-    tail = _round_up(total, row_multiple) - total
-    if tail:
-        bounds.append(total + tail)
-
-    def cat(parts: list[Tensor], fill: float | bool = 0) -> Tensor:
-        row = torch.cat(parts)
-        return torch.cat([row, row.new_full((tail,), fill)]) if tail else row
-
-    return PackedMicroBatch(
-        input_ids=cat(ids),
-        labels=cat(labels),
-        loss_mask=cat(masks, False),
-        advantages=cat(advs),
-        old_logprobs=cat(olds),
-        ref_logprobs=cat(refs) if has_ref else None,
+    packed = PackedMicroBatch(
+        input_ids=torch.cat(ids),
+        labels=torch.cat(labels),
+        loss_mask=torch.cat(masks),
+        advantages=torch.cat(advs),
+        old_logprobs=torch.cat(olds),
+        ref_logprobs=torch.cat(refs) if has_ref else None,
         cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
         sample_starts=starts,
         sample_lengths=lengths,
     )
+    return pad_row(packed, _round_up(bounds[-1], row_multiple))
 
 
 def make_micro_batches(
