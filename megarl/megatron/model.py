@@ -29,11 +29,10 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 
 from megarl.config import ParallelConfig
-from megarl.convert.mapping import Architecture, num_experts_of
+from megarl.convert.mapping import SUPPORTED, Architecture
 from megarl.errors import ConfigError
 from megarl.megatron.parallel import megatron_sizes
 
-SUPPORTED_MODEL_TYPES = ("qwen3_moe", "qwen3", "llama")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -54,13 +53,6 @@ class ModelArchitecture:
     rotary_base: float
     rope_scaling_factor: float | None  # llama3-style rope scaling, None when absent
     tie_word_embeddings: bool
-
-
-def moe_layer_pattern(hf: Mapping[str, Any]) -> list[int] | None:
-    """1 = MoE layer, 0 = dense, from ``decoder_sparse_step`` / ``mlp_only_layers``."""
-    if num_experts_of(hf) <= 0:
-        return None
-    return [int(moe) for moe in Architecture.from_hf(hf).moe_layers]
 
 
 def _rope(hf: Mapping[str, Any]) -> tuple[float, float | None]:
@@ -99,13 +91,12 @@ def transformer_config_from_hf(
 ) -> TransformerConfig:
     """The `TransformerConfig` of an HF config (a dict of ``config.json``)."""
     model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in SUPPORTED:
         raise ConfigError(
-            "model.hf_config.model_type",
-            model_type,
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}",
+            "model.hf_config.model_type", model_type, f"supported: {', '.join(SUPPORTED)}"
         )
     architecture(hf)  # validates the rope and vocabulary fields GPTModel will need
+    arch = Architecture.from_hf(hf)  # the numbers the weight map uses too
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError("model.hf_config.hidden_act", hf.get("hidden_act"), "supported: silu")
     if dtype not in _DTYPES:
@@ -123,17 +114,14 @@ def transformer_config_from_hf(
             "parallel.cp", parallel.cp, "context parallelism needs transformer-engine attention: "
             "pip install 'megarl[te]' (or set parallel.cp=1)"
         )
-    heads = int(hf["num_attention_heads"])
-    hidden = int(hf["hidden_size"])
     params_dtype = _DTYPES[dtype]
-    pattern = moe_layer_pattern(hf)
     moe: dict[str, Any] = {}
-    if pattern is not None:
+    if arch.num_experts > 0:
         moe = dict(
-            num_moe_experts=num_experts_of(hf),
+            num_moe_experts=arch.num_experts,
             moe_router_topk=int(hf["num_experts_per_tok"]),
-            moe_ffn_hidden_size=int(hf["moe_intermediate_size"]),
-            moe_layer_freq=pattern,
+            moe_ffn_hidden_size=arch.moe_ffn,
+            moe_layer_freq=[int(moe) for moe in arch.moe_layers],
             moe_router_pre_softmax=not bool(hf.get("norm_topk_prob", True)),
             moe_router_score_function="softmax",
             moe_router_load_balancing_type="none",
@@ -155,19 +143,19 @@ def transformer_config_from_hf(
     on_gpu = torch.cuda.is_available()
     fused = use_te and on_gpu
     kwargs: dict[str, Any] = dict(
-        num_layers=int(hf["num_hidden_layers"]),
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_query_groups=int(hf.get("num_key_value_heads") or heads),
-        kv_channels=int(hf.get("head_dim") or hidden // heads),
-        ffn_hidden_size=int(hf.get("intermediate_size") or 4 * hidden),
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden,
+        num_attention_heads=arch.heads,
+        num_query_groups=arch.groups,
+        kv_channels=arch.head_dim,
+        ffn_hidden_size=arch.ffn or 4 * arch.hidden,
         normalization="RMSNorm",
         layernorm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=bool(hf.get("attention_bias", False)),
-        qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=float(hf.get("initializer_range", 0.02)),

@@ -53,11 +53,6 @@ class ParallelLayout:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
-    @property
-    def reports_metrics(self) -> bool:
-        """One rank per DP replica reports loss metrics (TP and CP ranks hold duplicates)."""
-        return self.is_last_stage and self.tp_rank == 0 and self.cp_rank == 0
-
 
 def init_process_group(backend: str | None = None, timeout_s: float = 600.0) -> None:
     """Start torch.distributed from torchrun's environment (a single process without it)."""

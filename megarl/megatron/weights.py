@@ -30,7 +30,9 @@ from megarl.convert.mapping import (
 )
 from megarl.convert.sharding import (
     Coordinates,
+    expert_home,
     is_expert,
+    layer_home,
     local_name,
     owned,
     shard,
@@ -139,8 +141,6 @@ def _gather_one(tm: TensorMap, arch: Architecture, places) -> Tensor | None:
 
 def _owner_rank(tm: TensorMap, arch: Architecture, homes: list[Any], at: Coordinates) -> int:
     """The lowest global rank on the pipeline stage (and EP rank) that holds `tm`."""
-    from megarl.convert.sharding import expert_home, layer_home
-
     if tm.layer is None:
         stage = 0 if tm.megatron.startswith("embedding.") else at.pp - 1
     else:

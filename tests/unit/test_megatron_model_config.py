@@ -6,8 +6,9 @@ import pytest
 import torch.nn.functional as F
 
 from megarl.config import ModelFacts, ParallelConfig
+from megarl.convert.mapping import Architecture
 from megarl.errors import ConfigError
-from megarl.megatron.model import architecture, moe_layer_pattern, transformer_config_from_hf
+from megarl.megatron.model import architecture, transformer_config_from_hf
 from megarl.megatron.parallel import check_layout
 
 # Qwen3-30B-A3B's config.json (the fields that shape the model)
@@ -61,7 +62,7 @@ def test_qwen3_30b_a3b_exact_shape_and_rl_moe_defaults() -> None:
 def test_norm_topk_false_and_sparse_steps_map_to_megatron() -> None:
     hf = {**QWEN3_30B_A3B, "num_hidden_layers": 6, "norm_topk_prob": False,
           "decoder_sparse_step": 2, "mlp_only_layers": [1]}
-    assert moe_layer_pattern(hf) == [0, 0, 0, 1, 0, 1]
+    assert [int(m) for m in Architecture.from_hf(hf).moe_layers] == [0, 0, 0, 1, 0, 1]
     cfg = transformer_config_from_hf(hf, ParallelConfig(), use_transformer_engine=False)
     assert cfg.moe_router_pre_softmax is True and cfg.moe_layer_freq == [0, 0, 0, 1, 0, 1]
 
