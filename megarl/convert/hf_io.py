@@ -145,13 +145,20 @@ class HFCheckpointWriter:
         (self.tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
         (self.tmp / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True))
         if self.tokenizer_from is not None:
-            for file in TOKENIZER_FILES:
-                source = self.tokenizer_from / file
-                if source.is_file():
-                    shutil.copy2(source, self.tmp / file)
+            copy_tokenizer_files(self.tokenizer_from, self.tmp)
         if self.out_dir.exists():
             shutil.rmtree(self.out_dir)
         self.tmp.rename(self.out_dir)
+
+
+def copy_tokenizer_files(source: Path, dest: Path) -> list[str]:
+    """Copy the tokenizer / generation files that exist in `source`; returns their names."""
+    copied = []
+    for file in TOKENIZER_FILES:
+        if (source / file).is_file():
+            shutil.copy2(source / file, dest / file)
+            copied.append(file)
+    return copied
 
 
 def dtype_of(name: str) -> torch.dtype:

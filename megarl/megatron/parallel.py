@@ -87,9 +87,12 @@ def check_layout(parallel: ParallelConfig, facts: ModelFacts, world_size: int) -
 
 
 def initialize_parallel(
-    parallel: ParallelConfig, facts: ModelFacts, seed: int = 42
+    parallel: ParallelConfig, facts: ModelFacts, seed: int | None = 42
 ) -> ParallelLayout:
     """Validate, (re)create megatron-core's process groups and seed all RNGs.
+
+    ``seed=None`` skips seeding (megatron's RNG tracker needs CUDA): for offline tools that only
+    build a model to read its structure.
 
     torch.distributed must be up (``init_process_group``). Calling it again replaces the
     previous groups (tests loop over layouts in one launch).
@@ -99,7 +102,8 @@ def initialize_parallel(
     resolved = check_layout(parallel, facts, dist.get_world_size())
     destroy_parallel()
     ps.initialize_model_parallel(**megatron_sizes(resolved))
-    seed_everything(seed)
+    if seed is not None:
+        seed_everything(seed)
     return current_layout(resolved)
 
 
