@@ -45,6 +45,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 from megatron.core.dist_checkpointing.mapping import (
     ShardedObject,
+    apply_factories,
     ShardedTensor,
     ShardedTensorFactory,
 )
@@ -311,15 +312,28 @@ def _write_from_hf(
             progress(written[0], total)
         return data
 
-    grouped, _, _ = _replace_state_dict_keys_with_sharded_keys(flat, keep_only_main_replica=True)
-    common = ShardedObject("common_state", {}, (1,), (0,), replica_id=0)
-    grouped[common.unique_key] = [common]
-    state = mcore_to_pyt_state_dict(grouped, is_loading=False)
-    dcp_save(state, storage_writer=_LayerFileWriter(out), planner=_LazySavePlanner(produce))
-    save_config(CheckpointingConfig(*BACKEND), str(out))
+    _write_dcp(flat, out, _LazySavePlanner(produce))
     if written[0] != total or source.done != set(source.maps):
         raise ConversionError(f"wrote {written[0]} of {total} tensor pieces")
     return {"tensors": len(structure), "pieces": total, "dtype": str(dtype)}
+
+
+def _write_dcp(sharded: dict[str, Any], out: Path, planner: MCoreSavePlanner) -> None:
+    """Write ShardedTensors (factories applied) in megatron's torch_dist format (collective).
+
+    megatron's own `dist_checkpointing.save` always goes through its asynchronous writer,
+    which starts worker processes (and needs psutil); this is the same format, written
+    synchronously by torch's writer in this process, one file per layer.
+    """
+    grouped, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded, keep_only_main_replica=True)
+    if dist.get_rank() == 0:  # what megatron keeps outside the tensors: nothing, for a model
+        common = ShardedObject("common_state", {}, (1,), (0,), replica_id=0)
+        grouped[common.unique_key] = [common]
+    state = mcore_to_pyt_state_dict(grouped, is_loading=False)
+    dcp_save(state, storage_writer=_LayerFileWriter(out), planner=planner)
+    if dist.get_rank() == 0:
+        save_config(CheckpointingConfig(*BACKEND), str(out))
+    dist.barrier()
 
 
 def _write_hf_files(
@@ -485,7 +499,10 @@ def save_megatron_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(_model_sharded_state_dict(models, arch), str(tmp))
+    sharded = _model_sharded_state_dict(models, arch)
+    apply_factories(sharded)
+    _write_dcp(sharded, tmp, MCoreSavePlanner(flatten_state_dict=False,
+                                              flatten_sharded_tensors=False))
     if dist.get_rank() == 0:
         _write_hf_files(tmp, hf_config, None if tokenizer_from is None else Path(tokenizer_from))
         if out.exists():

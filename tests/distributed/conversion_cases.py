@@ -21,6 +21,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 from megarl.config import ModelFacts, ParallelConfig
 from megarl.convert.hf_io import HFCheckpoint
 from megarl.megatron.model import build_model, transformer_config_from_hf
+from megarl.megatron.checkpoint import load_megatron_checkpoint, save_megatron_checkpoint
 from megarl.megatron.parallel import destroy_parallel, initialize_parallel
 from megarl.megatron.weights import export_hf_weights, load_hf_weights, save_hf_checkpoint
 
@@ -97,27 +98,38 @@ def forward_logits(models: list[Any], ids: torch.Tensor) -> torch.Tensor | None:
     return out[0]["logits"] if ps.is_pipeline_last_stage() else None
 
 
+def build(hf_config: dict[str, Any], layout: str) -> list[Any]:
+    """A randomly initialised model in `layout` (its process groups made anew)."""
+    parallel = ParallelConfig(**LAYOUTS[layout])
+    initialize_parallel(parallel, ModelFacts.from_hf(hf_config), seed=7)
+    config = transformer_config_from_hf(hf_config, parallel, dtype="float32",
+                                        use_transformer_engine=False)
+    return build_model(config, hf_config, use_transformer_engine=False)
+
+
 def load(path: Path, layout: str) -> tuple[list[Any], dict[str, Any]]:
     checkpoint = HFCheckpoint(path)
-    parallel = ParallelConfig(**LAYOUTS[layout])
-    initialize_parallel(parallel, ModelFacts.from_hf(checkpoint.config), seed=7)
-    config = transformer_config_from_hf(checkpoint.config, parallel, dtype="float32",
-                                        use_transformer_engine=False)
-    models = build_model(config, checkpoint.config, use_transformer_engine=False)
+    models = build(checkpoint.config, layout)
     load_hf_weights(models, checkpoint)
     return models, checkpoint.config
 
 
-def run_case(model_type: str, layout: str, root: Path, previous: Path | None) -> dict[str, float]:
-    """Worst errors of one (model, layout) case; writes this layout's export for the next."""
+def run_case(model_type: str, layout: str, root: Path, previous: str | None) -> dict[str, float]:
+    """Worst errors of one (model, layout) case. Writes this layout's HF export and
+    distributed checkpoint for the next case, which loads them (`previous` is its layout)."""
     source = root / model_type
     ids = torch.randint(0, TINY_HF[model_type]["vocab_size"], (2, 12),
                         generator=torch.Generator().manual_seed(11))
     expected = _hf_logits(source, ids)
     models, config = load(source, layout)
     logits = forward_logits(models, ids)
-    errs = {"logits": 0.0 if logits is None else float((logits - expected).abs().max())}
 
+    def worst(other: torch.Tensor | None, reference: torch.Tensor | None) -> float:
+        if other is None or reference is None:  # not the last pipeline stage
+            return 0.0
+        return float((other - reference).abs().max())
+
+    errs = {"logits": worst(logits, expected)}
     original = HFCheckpoint(source)
     exported = dict(export_hf_weights(models, config))
     names = set(original.names()) - ({"lm_head.weight"} if config["tie_word_embeddings"] else set())
@@ -128,14 +140,21 @@ def run_case(model_type: str, layout: str, root: Path, previous: Path | None) ->
     out = root / f"exported-{model_type}-{layout}"
     save_hf_checkpoint(models, str(out), config, tokenizer_from=str(source), overwrite=True,
                        max_shard_bytes=50_000)
-    if previous is not None:  # Megatron(previous layout) -> HF -> Megatron(this layout)
+    # distributed checkpoints: the offline conversion (tools/convert_hf_to_megatron.py) loads
+    # into this layout; this layout's save is read back by the next case and, offline, to HF
+    fresh = build(config, layout)
+    load_megatron_checkpoint(fresh, root / f"dist-{model_type}")
+    errs["dist_logits"] = worst(forward_logits(fresh, ids), expected)
+    save_megatron_checkpoint(models, root / f"saved-{model_type}-{layout}", config,
+                             tokenizer_from=source)
+    errs["cross_layout"] = errs["dist_cross_layout"] = 0.0
+    if previous is not None:  # Megatron(previous layout) -> HF / dist -> Megatron(this layout)
         destroy_parallel()
-        again, _ = load(previous, layout)
-        round_trip = forward_logits(again, ids)
-        errs["cross_layout"] = 0.0 if logits is None else \
-            float((round_trip - logits).abs().max())
-    else:
-        errs["cross_layout"] = 0.0
+        again, _ = load(root / f"exported-{model_type}-{previous}", layout)
+        errs["cross_layout"] = worst(forward_logits(again, ids), logits)
+        again = build(config, layout)
+        load_megatron_checkpoint(again, root / f"saved-{model_type}-{previous}")
+        errs["dist_cross_layout"] = worst(forward_logits(again, ids), logits)
     dist.barrier()
     errs["written_files"] = 0.0
     if dist.get_rank() == 0:
@@ -146,4 +165,59 @@ def run_case(model_type: str, layout: str, root: Path, previous: Path | None) ->
 
 
 def passes(errs: dict[str, float]) -> bool:
-    return errs["logits"] <= TOL and all(v == 0.0 for k, v in errs.items() if k != "logits")
+    close = ("logits", "dist_logits")
+    return all(errs[k] <= TOL for k in close) and all(
+        v == 0.0 for k, v in errs.items() if k not in close
+    )
+
+
+def offline_round_trip(root: Path, model_type: str) -> dict[str, float]:
+    """HF -> distributed checkpoint -> HF in one process (the converters of tools/): every
+    tensor bit-identical, and transformers loads the result with no missing/unexpected key."""
+    import transformers
+
+    from megarl.megatron.checkpoint import convert_hf_to_megatron, convert_megatron_to_hf
+
+    source = root / model_type
+    convert_hf_to_megatron(source, root / f"dist-{model_type}", overwrite=True)
+    back = root / f"roundtrip-{model_type}"
+    convert_megatron_to_hf(root / f"dist-{model_type}", back, overwrite=True,
+                           max_shard_bytes=50_000)
+    errs = {"mismatches": float(len(_mismatches(HFCheckpoint(source), HFCheckpoint(back))))}
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(back, output_loading_info=True)
+    errs["hf_load_problems"] = float(sum(len(info[k]) for k in (
+        "missing_keys", "unexpected_keys", "mismatched_keys")))  # fmt: skip
+    return errs
+
+
+def saved_to_hf(root: Path, saved: str) -> dict[str, float]:
+    """A checkpoint saved from a live layout, converted offline to HF: bit-identical."""
+    from megarl.megatron.checkpoint import convert_megatron_to_hf
+
+    model_type = saved.split("-")[1]
+    back = root / f"{saved}-hf"
+    convert_megatron_to_hf(root / saved, back, overwrite=True)
+    return {"mismatches": float(len(_mismatches(HFCheckpoint(root / model_type),
+                                                HFCheckpoint(back))))}
+
+
+def _mismatches(a: HFCheckpoint, b: HFCheckpoint) -> list[str]:
+    names = set(a.names())
+    bad = [n for n in names if n not in b.names() or not torch.equal(a.tensor(n), b.tensor(n))]
+    return bad + sorted(set(b.names()) - names)
+
+
+if __name__ == "__main__":  # offline ROOT | saved ROOT DIR...: one CASE line per check
+    import sys
+
+    mode, root = sys.argv[1], Path(sys.argv[2])
+    checks = [(f"offline-{m}", lambda m=m: offline_round_trip(root, m)) for m in TINY_HF] \
+        if mode == "offline" else [(s, lambda s=s: saved_to_hf(root, s)) for s in sys.argv[3:]]
+    ok = True
+    for name, check in checks:
+        errs = check()
+        good = all(v == 0.0 for v in errs.values())
+        ok &= good
+        print(f"CASE {name} hf {'PASS' if good else 'FAIL'} "
+              + " ".join(f"{k}={v:.0f}" for k, v in errs.items()), flush=True)
+    sys.exit(0 if ok else 1)

@@ -349,7 +349,7 @@ def compare_conversions(cases: list[str]) -> bool:
         _, model_type, layout = case.split("-", 2)
         t0 = time.time()
         errs = run_case(model_type, layout, root, previous.get(model_type))
-        previous[model_type] = root / f"exported-{model_type}-{layout}"
+        previous[model_type] = layout
         keys = sorted(errs)  # every rank has the same keys; rank 0 has no logits under PP
         worst = torch.tensor([errs[k] for k in keys], dtype=torch.float64)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)

@@ -2,7 +2,9 @@
 every layout (tests/distributed/layouts.py).
 
 Four launches: the single-rank reference (which also checks 1 / 2 / 4 micro-batches and the
-non-finite skip), then one torchrun per world size (2, 4, 8) looping over its layouts. Each
+non-finite skip), then one torchrun per world size (2, 4, 8) looping over its layouts. Around
+them, single-process runs of the offline converters: HF -> distributed checkpoint -> HF before,
+and each launch's saved distributed checkpoints -> HF after. Each
 layout x loss prints a CASE line; a case that did not run fails here as surely as one that
 failed there.
 """
@@ -17,6 +19,8 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).with_name("layouts.py")
+CASES = Path(__file__).with_name("conversion_cases.py")
+MODELS = ("qwen3_moe", "qwen3", "llama")
 LOSSES = ("dapo-token-mean", "grpo-seq-mean", "gspo", "up_gspo")
 LAUNCHES = {
     2: ("tp2", "pp2", "pp2vpp2", "ep2", "dp2", "cp2loss"),
@@ -55,14 +59,26 @@ def _assert_cases(output: str, layouts: tuple[str, ...], losses: tuple[str, ...]
 
 
 @pytest.fixture(scope="module")
-def hf_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny transformers checkpoints: Qwen3-MoE (8 experts top-2, GQA 4:1, qk-norm), Qwen3
-    dense (tied embeddings) and Llama."""
+def offline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """Tiny transformers checkpoints (Qwen3-MoE: 8 experts top-2, GQA 4:1, qk-norm; Qwen3
+    dense with tied embeddings; Llama), each converted offline to a megatron distributed
+    checkpoint ``dist-<model>`` and back to HF."""
     from tests.distributed.conversion_cases import write_tiny_checkpoints
 
     root = tmp_path_factory.mktemp("hf")
     write_tiny_checkpoints(root)
-    return root
+    return root, _run([sys.executable, str(CASES), "offline", str(root)], root)
+
+
+@pytest.fixture(scope="module")
+def hf_root(offline: tuple[Path, str]) -> Path:
+    return offline[0]
+
+
+def test_offline_round_trip_is_bit_identical_and_loads_in_transformers(
+    offline: tuple[Path, str],
+) -> None:
+    _assert_cases(offline[1], tuple(f"offline-{m}" for m in MODELS), ("hf",))
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +94,18 @@ def test_micro_batch_split_invariance_and_nonfinite_skip(reference: tuple[Path, 
     _assert_cases(output, ("nonfinite-skip",), ("gspo",))
 
 
-def test_hf_conversion_on_one_rank(reference: tuple[Path, str]) -> None:
+def _assert_saved_export_to_source(conversions: tuple[str, ...], hf_root: Path) -> None:
+    """The distributed checkpoints the launch saved from its layouts, converted offline to HF,
+    are bit-identical to the source checkpoints."""
+    saved = tuple(dict.fromkeys(c.replace("convert-", "saved-", 1) for c in conversions))
+    output = _run([sys.executable, str(CASES), "saved", str(hf_root), *saved], hf_root)
+    _assert_cases(output, saved, ("hf",))
+
+
+def test_hf_conversion_on_one_rank(reference: tuple[Path, str], hf_root: Path) -> None:
     _, output = reference
     _assert_cases(output, CONVERSIONS[1], ("hf",))
+    _assert_saved_export_to_source(CONVERSIONS[1], hf_root)
 
 
 @pytest.mark.parametrize("world_size", sorted(LAUNCHES))
@@ -96,3 +121,4 @@ def test_layouts_equal_single_rank_and_hf(
     ], hf_root)  # fmt: skip
     _assert_cases(output, layouts, LOSSES)
     _assert_cases(output, conversions, ("hf",))
+    _assert_saved_export_to_source(conversions, hf_root)
