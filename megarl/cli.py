@@ -11,6 +11,8 @@ import sys
 from collections.abc import Sequence
 
 from megarl import __version__
+from megarl.convert.cli import DIRECTIONS, add_arguments
+from megarl.convert.cli import run as run_conversion
 from megarl.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -36,10 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
     convert = sub.add_parser(
         "convert",
-        help="convert checkpoints HF <-> Megatron (not implemented yet)",
-        description="convert checkpoints HF <-> Megatron (not implemented yet)",
+        help="convert checkpoints HF <-> megatron distributed (streaming, CPU)",
+        description="convert checkpoints HF <-> megatron distributed (streaming, CPU)",
     )
-    convert.add_argument("args", nargs=argparse.REMAINDER)
+    directions = convert.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    for direction in DIRECTIONS:
+        add_arguments(directions.add_parser(direction, help=direction.replace("-to-", " -> ")),
+                      direction)
     return parser
 
 
@@ -55,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "convert":
-        return _not_implemented("convert", "HF <-> Megatron checkpoint conversion")
+        return run_conversion(args.direction, args)
     from megarl.config import load_config
 
     config = load_config(args.config, args.overrides)

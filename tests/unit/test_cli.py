@@ -65,8 +65,8 @@ def test_plan_applies_overrides() -> None:
     assert "token-mean" in r.stdout and "the loss's default" not in r.stdout
 
 
-def test_train_eval_convert_are_not_implemented() -> None:
-    for args in (("train", QUICKSTART), ("eval", QUICKSTART), ("convert", "a", "b")):
+def test_train_eval_are_not_implemented() -> None:
+    for args in (("train", QUICKSTART), ("eval", QUICKSTART)):
         r = megarl(*args)
         assert r.returncode == 3, args
         lines = r.stderr.strip().splitlines()

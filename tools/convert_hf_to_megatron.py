@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""Convert a Hugging Face checkpoint to a megatron distributed checkpoint (streaming, one process, CPU is enough).
+
+Same as `megarl convert hf-to-megatron`; see `--help` and docs/conversion.md.
+"""
+
+import sys
+
+from megarl.convert.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main("hf-to-megatron"))
