@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a Hugging Face checkpoint to a megatron distributed checkpoint (streaming, one process, CPU is enough).
+"""Convert a Hugging Face checkpoint to a megatron distributed checkpoint (streaming, CPU).
 
 Same as `megarl convert hf-to-megatron`; see `--help` and docs/conversion.md.
 """

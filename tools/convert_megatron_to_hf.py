@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert a megatron distributed checkpoint to Hugging Face (streaming, one process, CPU is enough).
+"""Convert a megatron distributed checkpoint to Hugging Face (streaming, one process, CPU).
 
 Same as `megarl convert megatron-to-hf`; see `--help` and docs/conversion.md.
 """

@@ -32,7 +32,15 @@ TOKENIZER_FILES = (
 
 
 class HFCheckpoint:
-    """A local HF checkpoint directory: ``config`` and lazy ``tensor(name)``."""
+    """A local HF checkpoint directory: ``config`` and lazy ``tensor(name)``.
+
+    Shards are memory-mapped; at most ``OPEN_FILES`` stay mapped, and a mapping is dropped after
+    ``REMAP_BYTES`` have been read through it, so the file pages a long conversion touches do
+    not pile up in its resident set.
+    """
+
+    REMAP_BYTES = 256 << 20
+    OPEN_FILES = 2
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
@@ -51,10 +59,16 @@ class HFCheckpoint:
             for file in sorted(self.path.glob("*.safetensors")):
                 with safe_open(str(file), "pt") as f:
                     for name in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                        if name in self._files:
+                            raise ConversionError(
+                                f"{self.path}: tensor {name} is in both "
+                                f"{self._files[name].name} and {file.name}"
+                            )
                         self._files[name] = file
         if not self._files:
             raise ConversionError(f"{self.path}: no *.safetensors weights")
         self._open: dict[Path, Any] = {}
+        self._mapped_bytes: dict[Path, int] = {}
 
     def names(self) -> list[str]:
         return list(self._files)
@@ -66,8 +80,15 @@ class HFCheckpoint:
         if file not in self._open:
             if not file.is_file():
                 raise ConversionError(f"{file}: listed in {INDEX} but missing")
+            while len(self._open) >= self.OPEN_FILES:  # unmap the least recently opened
+                del self._open[next(iter(self._open))]
             self._open[file] = safe_open(str(file), "pt")
-        return self._open[file].get_tensor(name)
+            self._mapped_bytes[file] = 0
+        tensor = self._open[file].get_tensor(name)  # a copy: safe to unmap the file after
+        self._mapped_bytes[file] += tensor.numel() * tensor.element_size()
+        if self._mapped_bytes[file] > self.REMAP_BYTES:
+            del self._open[file]  # unmapping drops the pages read so far from our RSS
+        return tensor
 
 
 class HFCheckpointWriter:

@@ -102,6 +102,13 @@ class TensorMap:
     expert: int | None = None  # global expert index
 
     def to_megatron(self, tensors: list[Tensor], arch: Architecture) -> Tensor:
+        expected = self.to_hf(torch.empty(self.shape, device="meta"), arch)
+        for name, tensor, want in zip(self.hf, tensors, expected, strict=True):
+            if tuple(tensor.shape) != tuple(want.shape):
+                raise ConversionError(
+                    f"{name}: shape {tuple(tensor.shape)}, config.json implies "
+                    f"{tuple(want.shape)}"
+                )
         if self.kind == "copy":
             out = tensors[0]
         elif self.kind == "gated":

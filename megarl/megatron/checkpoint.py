@@ -45,9 +45,9 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 from megatron.core.dist_checkpointing.mapping import (
     ShardedObject,
-    apply_factories,
     ShardedTensor,
     ShardedTensorFactory,
+    apply_factories,
 )
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
@@ -306,7 +306,8 @@ def _write_from_hf(
 
     def produce(index) -> Tensor:  # noqa: ANN001 (a torch MetadataIndex)
         name, i = where[(index.fqn, tuple(index.offset))]
-        data = _pieces(structure[name], source.full(name))[i].data
+        item = structure[name]  # megatron keeps some tensors in fp32 (the local spec's norms)
+        data = _pieces(item, source.full(name).to(item.data.dtype))[i].data
         written[0] += 1
         if progress is not None:
             progress(written[0], total)
@@ -411,7 +412,8 @@ def megatron_to_hf_tensors(
             parts = [loaded.pop(f"{tm.megatron}#{i}").reshape(shapes[f"{tm.megatron}#{i}"])
                      for i in range(len(_pieces(item, item.data)))]
             full = parts[0] if isinstance(item, ShardedTensor) else item.merge_fn(parts)
-            yield from zip(tm.hf, tm.to_hf(full, arch), strict=True)
+            # HF checkpoints have one dtype: the model's (fp32-kept norms are cast back)
+            yield from zip(tm.hf, tm.to_hf(full.to(embedding.dtype), arch), strict=True)
             done += 1
             if progress is not None:
                 progress(done, len(maps))
@@ -434,7 +436,7 @@ def _without_prepended_axes(piece: ShardedTensor) -> ShardedTensor:
 
 def _check_stored(structure: Mapping[str, Any], stored: Mapping[str, Any], path: str) -> None:
     """Every tensor the model needs is in the checkpoint with its global shape, by name."""
-    for name, item in structure.items():
+    for item in structure.values():
         for piece in _pieces(item, item.data):
             have = stored.get(piece.key)
             if have is None:
@@ -526,6 +528,6 @@ def load_megatron_checkpoint(models: list[Any], ckpt_dir: str | Path) -> None:
         result = inner.load_state_dict(loaded[f"chunk{i}"], strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("._extra_state")]
         if missing or result.unexpected_keys:
-            raise ConversionError(
-                f"{path}: parameters not loaded {missing[:4]}, unexpected {result.unexpected_keys[:4]}"
-            )
+            unexpected = result.unexpected_keys[:4]
+            raise ConversionError(f"{path}: parameters not loaded {missing[:4]}, "
+                                  f"unexpected {unexpected}")

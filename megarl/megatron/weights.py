@@ -117,6 +117,7 @@ def export_hf_weights(
         src = _owner_rank(tm, arch, homes, places[0][0])
         if full is None:
             full = torch.empty(tm.shape, dtype=dtype, device=device)
+        full = full.to(dtype)  # one dtype for the broadcast (local-spec norms stay fp32)
         if world > 1:
             dist.broadcast(full, src=src)
         yield from zip(tm.hf, tm.to_hf(full, arch), strict=True)

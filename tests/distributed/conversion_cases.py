@@ -20,8 +20,8 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 
 from megarl.config import ModelFacts, ParallelConfig
 from megarl.convert.hf_io import HFCheckpoint
-from megarl.megatron.model import build_model, transformer_config_from_hf
 from megarl.megatron.checkpoint import load_megatron_checkpoint, save_megatron_checkpoint
+from megarl.megatron.model import build_model, transformer_config_from_hf
 from megarl.megatron.parallel import destroy_parallel, initialize_parallel
 from megarl.megatron.weights import export_hf_weights, load_hf_weights, save_hf_checkpoint
 

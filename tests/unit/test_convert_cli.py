@@ -43,8 +43,9 @@ def one_error_line(r: subprocess.CompletedProcess[str]) -> str:
 def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A transformers Qwen3-MoE (2 layers, 8 experts top-2, GQA 4:1, qk-norm) with a
     tokenizer file next to it."""
-    from tests.distributed.conversion_cases import TINY_HF
     import transformers
+
+    from tests.distributed.conversion_cases import TINY_HF
 
     root = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)

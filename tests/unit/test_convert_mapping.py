@@ -196,3 +196,24 @@ def test_bad_paths_are_one_line_errors(tmp_path: Path) -> None:
         HFCheckpoint(tmp_path)
     with pytest.raises(ConversionError, match="model_type='mixtral'"):
         Architecture.from_hf({"model_type": "mixtral"})
+
+
+def test_wrongly_shaped_or_duplicated_tensor_fails_naming_it(moe_saved, tmp_path: Path) -> None:
+    tensors = on_disk(moe_saved)
+    config = json.loads((moe_saved / "config.json").read_text())
+    arch = Architecture.from_hf(config)
+    bad = "model.layers.0.mlp.experts.3.gate_proj.weight"
+    tensors[bad] = tensors[bad][:-1]  # one row short: gate and up no longer stack
+    (tm,) = [tm for tm in tensor_maps(arch) if bad in tm.hf]
+    with pytest.raises(ConversionError, match=f"{bad}: shape \\(15, 32\\), config.json implies "
+                                              "\\(16, 32\\)"):
+        tm.to_megatron([tensors[n] for n in tm.hf], arch)
+    # the same tensor in two shard files (no index to disambiguate)
+    dup = tmp_path / "dup"
+    dup.mkdir()
+    (dup / "config.json").write_text(json.dumps(config))
+    first = dict(itertools.islice(tensors.items(), 3))
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(dup / "a.safetensors"))
+    save_file({n: t.contiguous() for n, t in first.items()}, str(dup / "b.safetensors"))
+    with pytest.raises(ConversionError, match="is in both a.safetensors and b.safetensors"):
+        HFCheckpoint(dup)
