@@ -31,7 +31,7 @@ def test_peak_memory_is_independent_of_depth(bench, tmp_path: Path) -> None:
     for direction in ("hf-to-megatron", "megatron-to-hf"):
         shallow, deep = by[(direction, 2)], by[(direction, 8)]
         layer, bucket = deep["layer_bytes"], deep["bucket_bytes"]
-        assert deep["checkpoint_bytes"] > 3.5 * shallow["checkpoint_bytes"]
+        assert deep["checkpoint_bytes"] > 3 * shallow["checkpoint_bytes"]
         # 6 more layers add (much) less than one layer of peak memory ...
         growth = deep["peak_anon_above_start"] - shallow["peak_anon_above_start"]
         assert growth < 0.5 * layer, (direction, growth, layer)
