@@ -1,0 +1,88 @@
+"""The rollout-engine contract every engine honours (the transformers one and vLLM).
+
+Routes: for an MoE model the engine returns, per sample, the experts its router chose for every
+token it FED FORWARD: ``[len(prompt) + len(response) - 1, moe_layers, topk]`` (the last sampled
+token is never fed), MoE layers in model order, in the smallest integer dtype that holds the
+expert ids. `megarl.megatron.router_replay` replays them in training (R3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from megarl.errors import ConfigError
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What vLLM's ``SamplingParams`` calls the same names; ``top_k <= 0`` means no top-k."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False  # else the model's EOS token(s) stop too
+    seed: int | None = None
+
+    def check(self) -> None:
+        if not self.temperature > 0:
+            raise ConfigError("rollout.temperature", self.temperature, "must be > 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("rollout.top_p", self.top_p, "must be in (0, 1]")
+        if self.max_tokens < 1:
+            raise ConfigError("rollout.max_tokens", self.max_tokens, "must be >= 1")
+
+
+@dataclass
+class Rollout:
+    """One sampled response."""
+
+    prompt_ids: Tensor  # [P] int64
+    response_ids: Tensor  # [R] int64
+    logprobs: Tensor  # [R] float32: log softmax(logits / temperature) at the sampled token
+    finish_reason: FinishReason
+    routed_experts: Tensor | None = None  # [P + R - 1, moe_layers, topk], compact int dtype
+
+    @property
+    def token_ids(self) -> Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids])
+
+
+@dataclass
+class RolloutBatch:
+    rollouts: list[Rollout] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rollouts)
+
+
+def route_dtype(num_experts: int) -> torch.dtype:
+    """The smallest integer dtype for expert ids (uint8 up to 256 experts)."""
+    if num_experts <= 256:
+        return torch.uint8
+    if num_experts <= 32768:
+        return torch.int16
+    return torch.int32
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> RolloutBatch:
+        """Sample one response per prompt (repeat a prompt for a group)."""
+
+    def update_weights(self, weights: Iterable[tuple[str, Tensor]]) -> int:
+        """Load ``(hf_name, full tensor)`` pairs (any subset, any order); returns bytes loaded."""
+
+    def sleep(self) -> None:
+        """Free accelerator memory (weights and cache) while training runs."""
+
+    def wake_up(self) -> None:
+        """Take the memory back before `update_weights` / `generate`."""
