@@ -27,6 +27,8 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
+ROUTES = "routed_experts"  # PackedMicroBatch.extras key of the packed routes [T, layers, topk]
+
 
 @dataclass
 class TrainSample:
@@ -37,6 +39,7 @@ class TrainSample:
     advantages: Tensor  # [L] float, or a 0-d tensor / float broadcast over the sample
     old_logprobs: Tensor | None = None  # [L] float
     ref_logprobs: Tensor | None = None  # [L] float
+    routed_experts: Tensor | None = None  # [L, moe_layers, topk] int: rollout routes (R3)
 
     def check(self, index: int) -> None:
         n = self.tokens.shape[0] if self.tokens.dim() == 1 else -1
@@ -130,6 +133,8 @@ def pack_samples(
     ids, labels, masks, advs, olds, refs = [], [], [], [], [], []
     starts, lengths, bounds = [], [], [0]
     has_ref = samples[0].ref_logprobs is not None
+    has_routes = samples[0].routed_experts is not None
+    routes = []
     for i, s in enumerate(samples):
         s.check(i)
         if (s.ref_logprobs is not None) != has_ref:
@@ -150,6 +155,13 @@ def pack_samples(
         if has_ref:
             refs.append(torch.nn.functional.pad(_label_aligned(s.ref_logprobs.float(), 0.0),
                                                 (0, pad)))
+        if (s.routed_experts is not None) != has_routes:
+            raise ValueError(f"samples[{i}].routed_experts: give it for every sample or none")
+        if has_routes:  # token-aligned like input_ids; padding rows route to 0..k-1
+            if s.routed_experts.shape[0] != n:
+                raise ValueError(f"samples[{i}].routed_experts has {s.routed_experts.shape[0]} "
+                                 f"rows for {n} tokens (see router_replay.align_routes)")
+            routes.append(torch.cat([s.routed_experts, _route_padding(s.routed_experts, pad)]))
     packed = PackedMicroBatch(
         input_ids=torch.cat(ids),
         labels=torch.cat(labels),
@@ -160,8 +172,15 @@ def pack_samples(
         cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
         sample_starts=starts,
         sample_lengths=lengths,
+        extras={ROUTES: torch.cat(routes)} if has_routes else {},
     )
     return pad_row(packed, _round_up(bounds[-1], row_multiple))
+
+
+def _route_padding(like: Tensor, rows: int) -> Tensor:
+    """Padding rows of routes: the distinct ids 0..k-1 in every MoE layer."""
+    _, layers, k = like.shape
+    return torch.arange(k, dtype=like.dtype).expand(rows, layers, k)
 
 
 def make_micro_batches(
@@ -219,11 +238,14 @@ def pad_row(mb: PackedMicroBatch, length: int) -> PackedMicroBatch:
         return None if t is None else torch.cat([t, t.new_full((tail,), fill)])
 
     cu = torch.cat([mb.cu_seqlens, mb.cu_seqlens.new_tensor([length])])
+    extras = dict(mb.extras)
+    if ROUTES in extras:
+        extras[ROUTES] = torch.cat([extras[ROUTES], _route_padding(extras[ROUTES], tail)])
     return PackedMicroBatch(
         input_ids=ext(mb.input_ids), labels=ext(mb.labels), loss_mask=ext(mb.loss_mask, False),
         advantages=ext(mb.advantages), old_logprobs=ext(mb.old_logprobs),
         ref_logprobs=ext(mb.ref_logprobs), cu_seqlens=cu, sample_starts=mb.sample_starts,
-        sample_lengths=mb.sample_lengths, extras=mb.extras,
+        sample_lengths=mb.sample_lengths, extras=extras,
     )  # fmt: skip
 
 

@@ -37,6 +37,7 @@ from megarl.megatron.packing import (
     pad_row,
 )
 from megarl.megatron.parallel import data_parallel_group
+from megarl.megatron.router_replay import RouteReplayer
 from megarl.metrics import MetricAccumulator, comm_device
 
 
@@ -98,14 +99,22 @@ def model_inputs(mb: PackedMicroBatch, options: ForwardOptions) -> dict[str, Any
 
 
 def make_forward_step(
-    options: ForwardOptions, loss_closure: Callable[[PackedMicroBatch, Tensor], tuple]
+    options: ForwardOptions,
+    loss_closure: Callable[[PackedMicroBatch, Tensor], tuple],
+    replay: RouteReplayer | None = None,
 ) -> Callable:
-    """`forward_step_func` for megatron's schedules; `loss_closure(mb, output)` -> 3-tuple."""
+    """`forward_step_func` for megatron's schedules; `loss_closure(mb, output)` -> 3-tuple.
+
+    With `replay` (R3), the micro-batch's routes are installed in this chunk's routers for
+    its forward (see `megarl.megatron.router_replay`).
+    """
     context = LogProbContext(temperature=options.temperature, chunk_size=options.chunk_size)
 
     def forward_step(data_iterator: Iterator[PackedMicroBatch], model: torch.nn.Module):
         mb = next(data_iterator)
         inputs = model_inputs(mb, options)
+        if replay is not None:
+            replay.before_forward(mb, model)
         output = model(
             inputs["input_ids"],
             inputs["position_ids"],
@@ -115,6 +124,8 @@ def make_forward_step(
             output_processor=logprob_entropy_output_processor,
             output_processor_context=context,
         )
+        if replay is not None:
+            replay.after_forward(model)
         return output, partial(loss_closure, mb)
 
     return forward_step
@@ -156,6 +167,7 @@ def train_step(
     options: ForwardOptions = ForwardOptions(),
     *,
     on_grads: Callable[[list[Any]], None] | None = None,
+    replay: RouteReplayer | None = None,
 ) -> StepResult:
     """micro-batches -> forward/backward -> finalize grads -> optimizer step (or a skip).
 
@@ -178,8 +190,10 @@ def train_step(
         tokens = torch.tensor(mb.num_tokens, dtype=torch.int, device=loss.device)
         return loss / cp, tokens, {"metrics": metrics, "weight": mb.num_tokens}
 
-    forward_step = make_forward_step(options, loss_closure)
+    forward_step = make_forward_step(options, loss_closure, replay)
     outputs = _run_schedule(models, micro_batches, forward_step, False, on_grads is not None)
+    route_metrics = {} if replay is None else replay.finish_step(
+        training=True, recompute=models[0].config.recompute_granularity is not None)
     if on_grads is not None:
         on_grads(models)
     finite = grads_are_finite(models)
@@ -189,7 +203,7 @@ def train_step(
         grad_norm = float(norm) if norm is not None else float("nan")
         finite = bool(ok)
     return StepResult(
-        metrics=_reduce_metrics(outputs, counts, grad_norm, not finite),
+        metrics=_reduce_metrics(outputs, counts, grad_norm, not finite) | route_metrics,
         grad_norm=grad_norm,
         num_tokens=counts.num_tokens,
         num_sequences=counts.num_sequences,
@@ -244,6 +258,7 @@ def compute_logprobs(
     options: ForwardOptions = ForwardOptions(),
     *,
     with_entropy: bool = False,
+    replay: RouteReplayer | None = None,
 ) -> list[Tensor]:
     """Forward-only log-probs (old / reference policy) of every micro-batch's labels.
 
@@ -258,7 +273,10 @@ def compute_logprobs(
         return zero, torch.tensor(0, dtype=torch.int), {"row": row.detach()}
 
     with torch.no_grad():
-        outputs = _run_schedule(models, micro_batches, make_forward_step(options, collect), True)
+        outputs = _run_schedule(models, micro_batches,
+                                make_forward_step(options, collect, replay), True)
+    if replay is not None:
+        replay.finish_step(training=False, recompute=False)
     rows = []
     last = ps.is_pipeline_last_stage()
     device = next(models[0].parameters()).device

@@ -361,12 +361,32 @@ def compare_conversions(cases: list[str]) -> bool:
     return ok
 
 
+def compare_replays(cases: list[str]) -> bool:
+    """``replay-<layout>`` cases (tests/distributed/replay_cases.py)."""
+    from tests.distributed.replay_cases import passes, run_case
+
+    ok = True
+    for case in cases:
+        t0 = time.time()
+        errs = run_case(case.removeprefix("replay-"), Path(os.environ["MEGARL_TEST_HF_ROOT"]))
+        keys = sorted(errs)
+        worst = torch.tensor([errs[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        errs = dict(zip(keys, worst.tolist(), strict=True))
+        good = passes(errs)
+        log(f"CASE {case} r3 {'PASS' if good else 'FAIL'} "
+            + " ".join(f"{k}={v:.1e}" for k, v in errs.items()) + f" ({time.time() - t0:.1f}s)")
+        ok &= good
+    return ok
+
+
 def compare(ref_path: str, layouts: list[str]) -> None:
     init_process_group("gloo", timeout_s=180)
     conversions = [c for c in layouts if c.startswith("convert-")]
-    layouts = [c for c in layouts if not c.startswith("convert-")]
+    replays = [c for c in layouts if c.startswith("replay-")]
+    layouts = [c for c in layouts if not c.startswith(("convert-", "replay-"))]
     ref = torch.load(ref_path, weights_only=False) if layouts else None
-    ok = compare_conversions(conversions)
+    ok = compare_conversions(conversions) & compare_replays(replays)
     for layout in layouts:
         if layout.startswith("cp") and layout.endswith("loss"):
             ok &= compare_cp_loss(ref)

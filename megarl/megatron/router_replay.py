@@ -1,0 +1,209 @@
+"""Routing replay into megatron-core's native `RouterReplay` (``moe_enable_routing_replay``).
+
+R3 replays the rollout engine's expert choices in training, so the ratio pi/pi_old compares the
+same experts. Routes travel with the tokens: `TrainSample.routed_experts` is token-aligned
+``[L, moe_layers, topk]`` and `pack_samples` packs them exactly like ``input_ids`` (padding rows
+get the distinct ids ``0..topk-1``: duplicate ids would break the all-to-all token counts).
+Per micro-batch and model chunk, `RouteReplayer.before_forward` takes the rows this rank's
+routers see (the context-parallel partition of the tokens, then the sequence-parallel slice of
+this TP rank) and gives each local router its MoE layer's column, keyed by GLOBAL layer number
+(a pipeline stage installs only its own layers). megatron gathers the router's own scores at the
+replayed ids, so router weights still get gradients.
+
+After the model's forward the routers switch to REPLAY_BACKWARD: activation recomputation
+re-runs the router inside backward and pops the same routes, first in first out. `finish_step`
+checks that every installed route was consumed and clears everything.
+
+Each replaying router also computes its own top-k and counts the (token, layer) routes whose
+expert SET differs from the replayed one, over the rows the engine routed (not padding, not a
+sample's last token): ``router/replay_disagreement``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+from torch import Tensor
+
+from megarl.errors import UserError
+from megarl.megatron.packing import ROUTES, PackedMicroBatch, cp_partition_index
+
+RouteMode = Literal["off", "r3"]
+
+
+def align_routes(routes: Tensor, num_tokens: int, topk: int) -> Tensor:
+    """An engine's ``[num_tokens - 1, layers, k]`` routes as token-aligned ``[num_tokens, ...]``.
+
+    Engines never feed the last sampled token forward, so it has no route; its row gets the
+    distinct ids ``0..k-1`` (its output predicts nothing that is trained).
+    """
+    if routes.dim() != 3 or routes.shape[-1] != topk:
+        raise UserError(f"routed_experts: shape {tuple(routes.shape)}, expected "
+                        f"[tokens, moe_layers, {topk}]")
+    missing = num_tokens - routes.shape[0]
+    if missing not in (0, 1):
+        raise UserError(f"routed_experts: {routes.shape[0]} rows for {num_tokens} tokens "
+                        f"(expected {num_tokens - 1} from the engine, or {num_tokens})")
+    if missing == 0:
+        return routes
+    pad = torch.arange(topk, dtype=routes.dtype).expand(1, routes.shape[1], topk)
+    return torch.cat([routes, pad])
+
+
+def check_routes(routes: Tensor, num_experts: int, where: str) -> None:
+    """Ids in range and distinct within each (token, layer)."""
+    ids = routes.long()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
+        raise UserError(f"{where}: expert ids must be in [0, {num_experts}), got "
+                        f"[{int(ids.min())}, {int(ids.max())}]")
+    ordered = ids.sort(-1).values
+    if (ordered[..., 1:] == ordered[..., :-1]).any():
+        bad = (ordered[..., 1:] == ordered[..., :-1]).any(-1).nonzero()[0].tolist()
+        raise UserError(f"{where}: duplicate expert ids in one route at (token, layer) {bad}")
+
+
+def rows_for_this_rank(mb: PackedMicroBatch, routes: Tensor, sequence_parallel: bool) -> Tensor:
+    """The route rows this rank's routers see: CP partition, then this TP rank's SP slice."""
+    cp = ps.get_context_parallel_world_size()
+    if cp > 1:
+        routes = routes[cp_partition_index(mb.cu_seqlens, cp, ps.get_context_parallel_rank())]
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp > 1 and sequence_parallel:
+        if routes.shape[0] % tp:
+            raise UserError(f"routed rows {routes.shape[0]} not divisible by tp={tp} "
+                            "(pack with row_multiple = tp * 2cp)")
+        routes = routes.chunk(tp)[ps.get_tensor_model_parallel_rank()]
+    return routes
+
+
+@dataclass
+class _Local:
+    chunk: int
+    layer: int  # global, 1-based (megatron's layer_number)
+    moe_index: int  # column in the routes' MoE-layer axis
+    replay: RouterReplay
+
+
+class RouteReplayer:
+    """Installs packed routes into the routers of this rank's model chunks (R3)."""
+
+    def __init__(self, models: list[Any], moe_layers: tuple[bool, ...], num_experts: int,
+                 topk: int) -> None:  # fmt: skip
+        moe_index = {g + 1: i for i, g in enumerate(j for j, m in enumerate(moe_layers) if m)}
+        self.num_experts, self.topk, self.num_moe_layers = num_experts, topk, len(moe_index)
+        self.locals: list[_Local] = []
+        self._chunk_of: dict[int, int] = {}
+        for c, model in enumerate(models):
+            inner = model.module if hasattr(model, "module") else model
+            self._chunk_of[id(inner)] = c
+            self._chunk_of[id(model)] = c
+            self.sequence_parallel = bool(inner.config.sequence_parallel)
+            for module in inner.modules():
+                if isinstance(module, TopKRouter):
+                    if module.router_replay is None:
+                        raise UserError("routing replay needs moe_enable_routing_replay=True "
+                                        "in the TransformerConfig (transformer_config_from_hf"
+                                        "(..., routing_replay=True))")
+                    layer = int(module.layer_number)
+                    self.locals.append(_Local(c, layer, moe_index[layer], module.router_replay))
+                    _wrap(module.router_replay, self)
+        self.disagree = torch.zeros((), dtype=torch.float64)
+        self.routes_seen = torch.zeros((), dtype=torch.float64)
+        self.installed = 0
+        self.last_metrics: dict[str, float] = {}
+
+    def before_forward(self, mb: PackedMicroBatch, model: Any) -> None:
+        routes = mb.extras.get(ROUTES)
+        if routes is None:
+            raise UserError("routing replay is on but the micro-batch has no routed_experts")
+        check_routes(routes, self.num_experts, "micro-batch routed_experts")
+        if routes.shape[1] != self.num_moe_layers:
+            raise UserError(f"routed_experts has {routes.shape[1]} MoE layers, the model "
+                            f"{self.num_moe_layers}")
+        rows = rows_for_this_rank(mb, routes, self.sequence_parallel)
+        routed = rows_for_this_rank(mb, _routed_rows(mb), self.sequence_parallel)
+        chunk = self._chunk_of[id(model)]
+        for local in self.locals:
+            if local.chunk == chunk:
+                local.replay.set_target_indices(rows[:, local.moe_index].long())
+                local.replay.megarl_routed_rows = routed
+                local.replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+                self.installed += 1
+
+    def after_forward(self, model: Any) -> None:
+        chunk = self._chunk_of[id(model)]
+        for local in self.locals:
+            if local.chunk == chunk:  # a recompute in backward pops what the forward used
+                local.replay.set_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+
+    def finish_step(self, *, training: bool, recompute: bool) -> dict[str, float]:
+        """Check every route was used, clear all routers; returns the step's route metrics."""
+        for local in self.locals:
+            left = len(local.replay.replay_backward_list)
+            if training and recompute and left:
+                raise RuntimeError(f"layer {local.layer}: {left} replayed routes were never "
+                                   "consumed by the backward recompute")
+            local.replay.clear_indices()
+            local.replay.clear_router_replay_action()
+        counts = torch.stack([self.disagree, self.routes_seen])
+        if dist.is_initialized():
+            counts = counts.to(_device())
+            dist.all_reduce(counts)
+        self.disagree.zero_()
+        self.routes_seen.zero_()
+        seen = float(counts[1])
+        self.last_metrics = {
+            "router/replay_disagreement": float(counts[0]) / seen if seen else 0.0,
+            "router/replayed_routes": seen,
+        }
+        return self.last_metrics
+
+
+def _routed_rows(mb: PackedMicroBatch) -> Tensor:
+    """``[T]`` bool: rows holding a route the engine chose (not padding, not a last token)."""
+    routed = torch.zeros(mb.row_length, dtype=torch.bool)
+    for start, length in zip(mb.sample_starts, mb.sample_lengths, strict=True):
+        routed[start: start + length - 1] = True
+    return routed
+
+
+def _device() -> torch.device:
+    from megarl.metrics import comm_device
+
+    return comm_device()
+
+
+def _wrap(replay: RouterReplay, owner: RouteReplayer) -> None:
+    """Check each replayed batch against the router's input and count disagreements."""
+    original: Callable = replay.get_replay_topk
+
+    def get_replay_topk(scores, topk, num_groups=None, group_topk=None,
+                        default_compute_topk=None):  # fmt: skip
+        action = replay.router_replay_action
+        if action not in (RouterReplayAction.REPLAY_FORWARD, RouterReplayAction.REPLAY_BACKWARD):
+            return original(scores, topk, num_groups, group_topk, default_compute_topk)
+        target = replay.target_topk_idx if action == RouterReplayAction.REPLAY_FORWARD else \
+            (replay.replay_backward_list[0] if replay.replay_backward_list else None)
+        if target is None or target.shape[0] != scores.shape[0]:
+            got = None if target is None else target.shape[0]
+            raise RuntimeError(f"layer {replay.layer_number}: {got} routes for "
+                               f"{scores.shape[0]} tokens")
+        probs, indices = original(scores, topk, num_groups, group_topk, default_compute_topk)
+        if action == RouterReplayAction.REPLAY_FORWARD:
+            with torch.no_grad():
+                _, own = default_compute_topk(scores, topk, num_groups=num_groups,
+                                              group_topk=group_topk)
+                differs = (own.sort(-1).values != indices.sort(-1).values).any(-1)
+                routed = replay.megarl_routed_rows.to(differs.device)
+                owner.disagree += float(differs[routed].sum())
+                owner.routes_seen += float(routed.sum())
+        return probs, indices
+
+    replay.get_replay_topk = get_replay_topk

@@ -1,0 +1,155 @@
+"""Rollout routing replay (R3) checks, run inside the launches of tests/distributed/layouts.py.
+
+For the tiny Qwen3-MoE of conversion_cases and a layout: the transformers engine samples
+responses (same seed on every rank), Megatron loads the same HF weights with routing replay on
+and computes the responses' log-probs from packed, padded micro-batches with the engine's routes
+installed:
+- `logp`: equal to the engine's log-probs (1e-5, fp32) and no disagreement reported;
+- after perturbing Megatron's router weights (its own routing now differs on some routes):
+  `logp_perturbed` equals an un-cached transformers forward with the same perturbed router and
+  the recorded routes forced (so the replay used exactly the recorded experts), the
+  disagreement metric is within the padding rows of the true fraction, and a training step
+  gives the router weights gradients.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megarl.config import ModelFacts, ParallelConfig
+from megarl.convert.hf_io import HFCheckpoint
+from megarl.convert.mapping import Architecture
+from megarl.losses import PolicyLossSpec  # noqa: F401  (documentation of the objective below)
+from megarl.megatron.model import build_model, transformer_config_from_hf
+from megarl.megatron.packing import TrainSample, make_micro_batches
+from megarl.megatron.parallel import destroy_parallel, initialize_parallel
+from megarl.megatron.router_replay import RouteReplayer, align_routes
+from megarl.megatron.step import ForwardOptions, compute_logprobs
+from megarl.megatron.weights import export_hf_weights, load_hf_weights
+from megarl.rollout.engine import SamplingParams
+from megarl.rollout.hf import HFEngine
+from tests.distributed.conversion_cases import LAYOUTS
+
+TOL = 1e-5
+NOISE = 0.03  # router weight noise: own routing then differs on a fraction of the routes
+TEMPERATURE = 0.7
+PROMPTS = [[5, 9, 11], [7, 1], [3, 4, 5, 6, 8, 10, 12], [2, 2, 2, 2], [40, 41], [17, 3, 60]]
+
+
+def _samples(batch) -> list[TrainSample]:
+    out = []
+    for r in batch.rollouts:
+        tokens = r.token_ids
+        mask = torch.zeros(len(tokens), dtype=torch.bool)
+        mask[len(r.prompt_ids):] = True
+        out.append(TrainSample(tokens=tokens, loss_mask=mask, advantages=torch.tensor(1.0),
+                               routed_experts=align_routes(r.routed_experts, len(tokens), 2)))
+    return out
+
+
+def _response_logprobs(rows, mbs, samples) -> list[torch.Tensor]:
+    """Per sample: the log-probs of its response tokens (label-aligned rows -> tokens)."""
+    out = []
+    for row, mb in zip(rows, mbs, strict=True):
+        unpacked = mb.unpack(row)
+        for k in range(len(mb.sample_lengths)):
+            out.append(unpacked[k])
+    result = []
+    for s, values in zip(samples, out, strict=True):
+        start = int(torch.nonzero(s.loss_mask)[0]) - 1
+        result.append(values[start: len(s.tokens) - 1])
+    return result
+
+
+def _forced(engine: HFEngine, samples: list[TrainSample]):
+    """Un-cached transformers forward with each router's choice forced to the recorded one:
+    the response log-probs, and how many routed (token, layer) rows the router's own top-k
+    (on the same hidden states) would have chosen differently, of how many."""
+    out, differ, total = [], 0, 0
+    for s in samples:
+        routes = s.routed_experts.long()
+        hooks, own = [], []
+        for i, router in enumerate(engine.routers):
+            def force(module, args, output, i=i):
+                logits = output[0]
+                ids = routes[:, i]
+                own.append((logits.topk(ids.shape[-1], -1).indices, ids))
+                scores = torch.softmax(logits.float().gather(-1, ids), -1).to(logits.dtype)
+                return logits, scores, ids
+            hooks.append(router.register_forward_hook(force))
+        with torch.no_grad():
+            logits = engine.model(s.tokens[None]).logits[0]
+        for h in hooks:
+            h.remove()
+        for mine, recorded in own:  # the last row is the unrouted last token
+            differ += int((mine[:-1].sort(-1).values != recorded[:-1].sort(-1).values)
+                          .any(-1).sum())
+            total += mine.shape[0] - 1
+        logp = torch.log_softmax(logits.float() / TEMPERATURE, -1)[:-1]
+        logp = logp.gather(-1, s.tokens[1:, None])[:, 0]
+        start = int(torch.nonzero(s.loss_mask)[0]) - 1
+        out.append(logp[start:])
+    return out, differ, total
+
+
+def run_case(layout: str, root: Path) -> dict[str, float]:
+    source = root / "qwen3_moe"
+    checkpoint = HFCheckpoint(source)
+    config = checkpoint.config
+    arch = Architecture.from_hf(config)
+    engine = HFEngine(source, device="cpu")
+    batch = engine.generate(PROMPTS, SamplingParams(temperature=TEMPERATURE, max_tokens=7,
+                                                    seed=123, ignore_eos=True))
+    samples = _samples(batch)
+    engine_logp = [r.logprobs for r in batch.rollouts]
+
+    parallel = ParallelConfig(**LAYOUTS[layout])
+    initialize_parallel(parallel, ModelFacts.from_hf(config), seed=7)
+    tconfig = transformer_config_from_hf(config, parallel, dtype="float32", routing_replay=True,
+                                         use_transformer_engine=False)
+    models = build_model(tconfig, config, use_transformer_engine=False)
+    load_hf_weights(models, checkpoint)
+    replayer = RouteReplayer(models, arch.moe_layers, arch.num_experts, 2)
+    tp = ps.get_tensor_model_parallel_world_size()
+    mbs = make_micro_batches(samples, num_micro_batches=2, seq_multiple=3, row_multiple=tp)
+    options = ForwardOptions(temperature=TEMPERATURE, chunk_size=16)
+
+    rows = compute_logprobs(models, mbs, options, replay=replayer)
+    got = _response_logprobs(rows, mbs, samples)
+    errs = {"logp": max(float((a - b).abs().max()) for a, b in zip(got, engine_logp,
+                                                                   strict=True)),
+            "disagreement_unperturbed": replayer.last_metrics["router/replay_disagreement"]}
+
+    # perturb every router the same way on every rank, then mirror it into the engine
+    g = torch.Generator().manual_seed(99)
+    for chunk in models:
+        for name, p in chunk.named_parameters():
+            if name.endswith("router.weight"):
+                with torch.no_grad():
+                    p.add_(NOISE * torch.randn(p.shape, generator=g))
+    engine.update_weights((n, t) for n, t in export_hf_weights(models, config)
+                          if n.endswith("mlp.gate.weight"))
+    rows = compute_logprobs(models, mbs, options, replay=replayer)
+    got = _response_logprobs(rows, mbs, samples)
+    forced, differ, total = _forced(engine, samples)
+    errs["logp_perturbed"] = max(float((a - b).abs().max()) for a, b in zip(got, forced,
+                                                                           strict=True))
+    errs["disagreement"] = replayer.last_metrics["router/replay_disagreement"]
+    errs["disagreement_true"] = differ / total
+    errs["routes_counted_minus_true"] = abs(replayer.last_metrics["router/replayed_routes"]
+                                            - total)
+    destroy_parallel()
+    dist.barrier()
+    return errs
+
+
+def passes(errs: dict[str, Any]) -> bool:
+    return (errs["logp"] <= TOL and errs["logp_perturbed"] <= TOL
+            and errs["disagreement_unperturbed"] == 0.0 and errs["disagreement_true"] > 0.02
+            and abs(errs["disagreement"] - errs["disagreement_true"]) < 1e-12
+            and errs["routes_counted_minus_true"] == 0.0)
