@@ -105,6 +105,8 @@ class RouteReplayer:
             self._chunk_of[id(inner)] = c
             self._chunk_of[id(model)] = c
             self.sequence_parallel = bool(inner.config.sequence_parallel)
+            self.counts_routes = self.sequence_parallel or \
+                ps.get_tensor_model_parallel_rank() == 0
             for module in inner.modules():
                 if isinstance(module, TopKRouter):
                     if module.router_replay is None:
@@ -129,7 +131,7 @@ class RouteReplayer:
                             f"{self.num_moe_layers}")
         rows = rows_for_this_rank(mb, routes, self.sequence_parallel)
         routed = rows_for_this_rank(mb, _routed_rows(mb), self.sequence_parallel)
-        chunk = self._chunk_of[id(model)]
+        chunk = self._chunk(model)
         for local in self.locals:
             if local.chunk == chunk:
                 local.replay.set_target_indices(rows[:, local.moe_index].long())
@@ -137,8 +139,15 @@ class RouteReplayer:
                 local.replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
                 self.installed += 1
 
+    def _chunk(self, model: Any) -> int:
+        """The chunk index of `model` (as built, or wrapped in DDP after)."""
+        for candidate in (model, getattr(model, "module", None)):
+            if id(candidate) in self._chunk_of:
+                return self._chunk_of[id(candidate)]
+        raise RuntimeError("routing replay: a model chunk this replayer was not built for")
+
     def after_forward(self, model: Any) -> None:
-        chunk = self._chunk_of[id(model)]
+        chunk = self._chunk(model)
         for local in self.locals:
             if local.chunk == chunk:  # a recompute in backward pops what the forward used
                 local.replay.set_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
@@ -202,6 +211,8 @@ def _wrap(replay: RouterReplay, owner: RouteReplayer) -> None:
                                               group_topk=group_topk)
                 differs = (own.sort(-1).values != indices.sort(-1).values).any(-1)
                 routed = replay.megarl_routed_rows.to(differs.device)
+                if not owner.counts_routes:  # TP without SP: every TP rank sees the same rows
+                    routed = torch.zeros_like(routed)
                 owner.disagree += float(differs[routed].sum())
                 owner.routes_seen += float(routed.sum())
         return probs, indices

@@ -8,12 +8,13 @@ installed:
 - after perturbing Megatron's router weights (its own routing now differs on some routes):
   `logp_perturbed` equals an un-cached transformers forward with the same perturbed router and
   the recorded routes forced (so the replay used exactly the recorded experts), the
-  disagreement metric is within the padding rows of the true fraction, and a training step
-  gives the router weights gradients.
+  disagreement metric equals the true fraction over the routed rows, and a replayed training
+  step gives every router weight a gradient.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,22 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megarl.config import ModelFacts, ParallelConfig
+from megarl.config import ModelFacts, ParallelConfig, TrainerConfig
 from megarl.convert.hf_io import HFCheckpoint
 from megarl.convert.mapping import Architecture
-from megarl.losses import PolicyLossSpec  # noqa: F401  (documentation of the objective below)
-from megarl.megatron.model import build_model, transformer_config_from_hf
+from megarl.losses import validate_loss_params
+from megarl.megatron.loss import PolicyObjective
+from megarl.megatron.model import build_model, transformer_config_from_hf, wrap_ddp
+from megarl.megatron.optimizer import build_optimizer
 from megarl.megatron.packing import TrainSample, make_micro_batches
 from megarl.megatron.parallel import destroy_parallel, initialize_parallel
 from megarl.megatron.router_replay import RouteReplayer, align_routes
-from megarl.megatron.step import ForwardOptions, compute_logprobs
+from megarl.megatron.step import (
+    ForwardOptions,
+    attach_schedule_hooks,
+    compute_logprobs,
+    train_step,
+)
 from megarl.megatron.weights import export_hf_weights, load_hf_weights
 from megarl.rollout.engine import SamplingParams
 from megarl.rollout.hf import HFEngine
@@ -75,7 +83,7 @@ def _forced(engine: HFEngine, samples: list[TrainSample]):
         routes = s.routed_experts.long()
         hooks, own = [], []
         for i, router in enumerate(engine.routers):
-            def force(module, args, output, i=i):
+            def force(module, args, output, i=i, routes=routes, own=own):
                 logits = output[0]
                 ids = routes[:, i]
                 own.append((logits.topk(ids.shape[-1], -1).indices, ids))
@@ -95,6 +103,32 @@ def _forced(engine: HFEngine, samples: list[TrainSample]):
         start = int(torch.nonzero(s.loss_mask)[0]) - 1
         out.append(logp[start:])
     return out, differ, total
+
+
+def _router_grads_are_zero(models, tconfig, samples, engine_logp, replayer, tp,
+                           options) -> float:
+    """One replayed training step: 1.0 if some local router weight got no gradient."""
+    models = wrap_ddp(models, tconfig)
+    attach_schedule_hooks(models)
+    optimizer = build_optimizer(models, TrainerConfig(lr=1e-3), params_dtype=torch.float32)
+    trained = []
+    for k, (s, logp) in enumerate(zip(samples, engine_logp, strict=True)):
+        old = torch.zeros(len(s.tokens))
+        old[len(s.tokens) - len(logp):] = logp + 0.05
+        trained.append(dataclasses.replace(s, old_logprobs=old,
+                                           advantages=torch.tensor(1.0 if k % 2 else -1.0)))
+    mbs = make_micro_batches(trained, num_micro_batches=2, seq_multiple=3, row_multiple=tp)
+    spec = PolicyObjective("grpo", "token-mean", validate_loss_params("grpo", {}, "params"))
+    zero = [0.0]
+
+    def check(ms) -> None:
+        for model in ms:
+            for name, p in model.named_parameters():
+                if name.endswith("router.weight") and not bool(p.main_grad.abs().sum() > 0):
+                    zero[0] = 1.0
+
+    train_step(models, optimizer, mbs, spec, options, on_grads=check, replay=replayer)
+    return zero[0]
 
 
 def run_case(layout: str, root: Path) -> dict[str, float]:
@@ -139,10 +173,13 @@ def run_case(layout: str, root: Path) -> dict[str, float]:
     forced, differ, total = _forced(engine, samples)
     errs["logp_perturbed"] = max(float((a - b).abs().max()) for a, b in zip(got, forced,
                                                                            strict=True))
+    errs["router_grad_zero"] = _router_grads_are_zero(models, tconfig, samples, engine_logp,
+                                                      replayer, tp, options)
     errs["disagreement"] = replayer.last_metrics["router/replay_disagreement"]
     errs["disagreement_true"] = differ / total
+    dp = ps.get_data_parallel_world_size()  # every DP rank replays the whole batch here
     errs["routes_counted_minus_true"] = abs(replayer.last_metrics["router/replayed_routes"]
-                                            - total)
+                                            - total * dp)
     destroy_parallel()
     dist.barrier()
     return errs
@@ -152,4 +189,4 @@ def passes(errs: dict[str, Any]) -> bool:
     return (errs["logp"] <= TOL and errs["logp_perturbed"] <= TOL
             and errs["disagreement_unperturbed"] == 0.0 and errs["disagreement_true"] > 0.02
             and abs(errs["disagreement"] - errs["disagreement_true"]) < 1e-12
-            and errs["routes_counted_minus_true"] == 0.0)
+            and errs["routes_counted_minus_true"] == 0.0 and errs["router_grad_zero"] == 0.0)

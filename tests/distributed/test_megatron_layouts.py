@@ -37,6 +37,10 @@ CONVERSIONS = {
         "convert-qwen3-tp2pp2", "convert-llama-tp2pp2"),
     8: ("convert-qwen3_moe-tp2pp2ep2",),
 }
+# Rollout routing replay (tests/distributed/replay_cases.py): the transformers engine's routes
+# replayed in Megatron; TP2 is with sequence parallelism.
+REPLAYS = {1: ("replay-1",), 2: ("replay-tp2", "replay-pp2", "replay-ep2"), 4: (),
+           8: ("replay-tp2pp2ep2",)}
 
 
 def _run(args: list[str], hf_root: Path, timeout: int = 600) -> str:
@@ -84,7 +88,8 @@ def test_offline_round_trip_is_bit_identical_and_loads_in_transformers(
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, hf_root: Path) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("megatron") / "reference.pt"
-    output = _run([sys.executable, str(SCRIPT), "reference", str(out), *CONVERSIONS[1]], hf_root)
+    output = _run([sys.executable, str(SCRIPT), "reference", str(out), *CONVERSIONS[1],
+                   *REPLAYS[1]], hf_root)
     return out, output
 
 
@@ -106,6 +111,7 @@ def test_hf_conversion_on_one_rank(reference: tuple[Path, str], hf_root: Path) -
     _, output = reference
     _assert_cases(output, CONVERSIONS[1], ("hf",))
     _assert_saved_export_to_source(CONVERSIONS[1], hf_root)
+    _assert_cases(output, REPLAYS[1], ("r3",))
 
 
 @pytest.mark.parametrize("world_size", sorted(LAUNCHES))
@@ -117,8 +123,9 @@ def test_layouts_equal_single_rank_and_hf(
     output = _run([
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={world_size}", str(SCRIPT), "compare", str(ref_path), *layouts,
-        *conversions,
+        *conversions, *REPLAYS[world_size],
     ], hf_root)  # fmt: skip
     _assert_cases(output, layouts, LOSSES)
     _assert_cases(output, conversions, ("hf",))
     _assert_saved_export_to_source(conversions, hf_root)
+    _assert_cases(output, REPLAYS[world_size], ("r3",))
