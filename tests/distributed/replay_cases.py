@@ -9,7 +9,9 @@ installed:
   `logp_perturbed` equals an un-cached transformers forward with the same perturbed router and
   the recorded routes forced (so the replay used exactly the recorded experts), the
   disagreement metric equals the true fraction over the routed rows, and a replayed training
-  step gives every router weight a gradient.
+  step gives every router weight a gradient;
+- after that optimizer step, a bucketed sync leaves every engine tensor equal to the gathered
+  Megatron tensor.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from megarl.megatron.step import (
 from megarl.megatron.weights import export_hf_weights, load_hf_weights
 from megarl.rollout.engine import SamplingParams
 from megarl.rollout.hf import HFEngine
+from megarl.rollout.sync import sync_weights
 from tests.distributed.conversion_cases import LAYOUTS
 
 TOL = 1e-5
@@ -106,7 +109,7 @@ def _forced(engine: HFEngine, samples: list[TrainSample]):
 
 
 def _router_grads_are_zero(models, tconfig, samples, engine_logp, replayer, tp,
-                           options) -> float:
+                           options) -> tuple[float, list[Any]]:
     """One replayed training step: 1.0 if some local router weight got no gradient."""
     models = wrap_ddp(models, tconfig)
     attach_schedule_hooks(models)
@@ -127,8 +130,9 @@ def _router_grads_are_zero(models, tconfig, samples, engine_logp, replayer, tp,
                 if name.endswith("router.weight") and not bool(p.main_grad.abs().sum() > 0):
                     zero[0] = 1.0
 
-    train_step(models, optimizer, mbs, spec, options, on_grads=check, replay=replayer)
-    return zero[0]
+    result = train_step(models, optimizer, mbs, spec, options, on_grads=check, replay=replayer)
+    assert not result.skipped
+    return zero[0], models
 
 
 def run_case(layout: str, root: Path) -> dict[str, float]:
@@ -173,8 +177,15 @@ def run_case(layout: str, root: Path) -> dict[str, float]:
     forced, differ, total = _forced(engine, samples)
     errs["logp_perturbed"] = max(float((a - b).abs().max()) for a, b in zip(got, forced,
                                                                            strict=True))
-    errs["router_grad_zero"] = _router_grads_are_zero(models, tconfig, samples, engine_logp,
-                                                      replayer, tp, options)
+    errs["router_grad_zero"], models = _router_grads_are_zero(
+        models, tconfig, samples, engine_logp, replayer, tp, options)
+    # after the optimizer step: sync into the engine in small buckets, then compare every tensor
+    metrics = sync_weights(models, engine, config, bucket_bytes=8 << 10)
+    megatron = dict(export_hf_weights(models, config))
+    mine = dict(engine.hf_tensors())
+    errs["sync_mismatches"] = float(sum(not torch.equal(mine[n], t) for n, t in megatron.items())
+                                    + len(set(mine) ^ set(megatron)))
+    errs["sync_buckets_below_2"] = float(metrics["sync/buckets"] < 2)
     errs["disagreement"] = replayer.last_metrics["router/replay_disagreement"]
     errs["disagreement_true"] = differ / total
     dp = ps.get_data_parallel_world_size()  # every DP rank replays the whole batch here
@@ -189,4 +200,5 @@ def passes(errs: dict[str, Any]) -> bool:
     return (errs["logp"] <= TOL and errs["logp_perturbed"] <= TOL
             and errs["disagreement_unperturbed"] == 0.0 and errs["disagreement_true"] > 0.02
             and abs(errs["disagreement"] - errs["disagreement_true"]) < 1e-12
-            and errs["routes_counted_minus_true"] == 0.0 and errs["router_grad_zero"] == 0.0)
+            and errs["routes_counted_minus_true"] == 0.0 and errs["router_grad_zero"] == 0.0
+            and errs["sync_mismatches"] == 0.0 and errs["sync_buckets_below_2"] == 0.0)

@@ -1,0 +1,74 @@
+"""Megatron -> rollout engine weight sync, streamed in buckets of a configured size.
+
+The model leaves Megatron as `(hf_name, full tensor)` pairs from `export_hf_weights` (the map
+of `megarl.convert`; TP / expert-TP all-gather on the ranks that hold a tensor, then one
+broadcast from its pipeline / expert owner), so no rank ever materialises the whole model: the
+sync holds one bucket plus the tensor being gathered. There is no vocabulary padding to strip
+(megarl never pads it: docs/conversion.md). Export is collective; every rank calls `sync_weights`,
+and ranks with an engine load each bucket as it fills.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from torch import Tensor
+
+from megarl.errors import ConfigError
+from megarl.rollout.engine import RolloutEngine
+
+Pair = tuple[str, Tensor]
+
+
+def nbytes(tensor: Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def buckets(pairs: Iterable[Pair], bucket_bytes: int) -> Iterator[list[Pair]]:
+    """Consecutive groups of at most `bucket_bytes` (a larger tensor travels alone)."""
+    if bucket_bytes < 1:
+        raise ConfigError("rollout.sync_bucket_mb", bucket_bytes, "must be > 0")
+    group: list[Pair] = []
+    size = 0
+    for name, tensor in pairs:
+        n = nbytes(tensor)
+        if group and size + n > bucket_bytes:
+            yield group
+            group, size = [], 0
+        group.append((name, tensor))
+        size += n
+    if group:
+        yield group
+
+
+def sync_weights(
+    models: list[Any],
+    engine: RolloutEngine | None,
+    hf_config: Mapping[str, Any],
+    *,
+    bucket_bytes: int = 512 << 20,
+) -> dict[str, float]:
+    """Push the model into `engine` (None on ranks without one); returns ``sync/*`` metrics."""
+    from megarl.megatron.weights import export_hf_weights
+
+    start = time.perf_counter()
+    sent = count = largest = 0
+    batches = 0
+    for bucket in buckets(export_hf_weights(models, hf_config), bucket_bytes):
+        size = sum(nbytes(t) for _, t in bucket)
+        if engine is not None:
+            engine.update_weights(bucket)
+        sent += size
+        count += len(bucket)
+        largest = max(largest, size)
+        batches += 1
+        del bucket
+    return {
+        "sync/seconds": time.perf_counter() - start,
+        "sync/bytes": float(sent),
+        "sync/tensors": float(count),
+        "sync/buckets": float(batches),
+        "sync/largest_bucket_bytes": float(largest),
+    }
