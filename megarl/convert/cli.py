@@ -57,9 +57,9 @@ def build_parser(direction: str) -> argparse.ArgumentParser:
 
 def run(direction: str, args: argparse.Namespace) -> int:
     """Convert; a `UserError` (bad path, layout or tensor) propagates as one line."""
-    out = Path(args.out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise UserError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
+    from megarl.convert.hf_io import check_output_dir
+
+    out = check_output_dir(args.out, args.overwrite)  # before megatron is imported
     try:
         if direction == "hf-to-megatron":
             return _hf_to_megatron(args, out)

@@ -103,9 +103,7 @@ class HFCheckpointWriter:
         max_shard_bytes: int = 4 << 30,
         overwrite: bool = False,
     ) -> None:
-        self.out_dir = Path(out_dir).expanduser()
-        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not overwrite:
-            raise ConversionError(f"{self.out_dir}: exists and is not empty (pass overwrite)")
+        self.out_dir = check_output_dir(out_dir, overwrite)
         self.tmp = self.out_dir.with_name(f".{self.out_dir.name}.tmp-{os.getpid()}")
         self.config = dict(config)
         self.tokenizer_from = None if tokenizer_from is None else Path(tokenizer_from)
@@ -131,6 +129,10 @@ class HFCheckpointWriter:
         self._bucket[name] = tensor.detach().to("cpu").contiguous()
         self._bucket_bytes += size
         self.total_bytes += size
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self._seen)
 
     def add_all(self, pairs: Iterator[tuple[str, Tensor]]) -> None:
         for name, tensor in pairs:
@@ -170,6 +172,16 @@ class HFCheckpointWriter:
         if self.out_dir.exists():
             shutil.rmtree(self.out_dir)
         self.tmp.rename(self.out_dir)
+
+
+def check_output_dir(path: str | Path, overwrite: bool) -> Path:
+    """An output directory a converter may write: absent or empty, or `overwrite` given."""
+    out = Path(path).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConversionError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+    if not out.parent.exists():
+        raise ConversionError(f"{out.parent}: parent directory does not exist")
+    return out
 
 
 def copy_tokenizer_files(source: Path, dest: Path) -> list[str]:

@@ -60,7 +60,13 @@ from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.planner import WriteItemType
 
 from megarl.config import ModelFacts, ParallelConfig
-from megarl.convert.hf_io import HFCheckpoint, copy_tokenizer_files, dtype_of
+from megarl.convert.hf_io import (
+    HFCheckpoint,
+    HFCheckpointWriter,
+    check_output_dir,
+    copy_tokenizer_files,
+    dtype_of,
+)
 from megarl.convert.mapping import (
     Architecture,
     ConversionError,
@@ -267,7 +273,7 @@ def convert_hf_to_megatron(
     model (the checkpoint itself loads into any layout). Runs in one process (`single_rank`).
     """
     checkpoint = HFCheckpoint(source)
-    out = _fresh_dir(out_dir, overwrite)
+    out = check_output_dir(out_dir, overwrite)
     arch = Architecture.from_hf(checkpoint.config)
     check_hf_names(checkpoint.names(), arch)
     if target is not None:
@@ -351,15 +357,6 @@ def _write_hf_files(
         (ckpt_dir / "megarl_target_layout.json").write_text(json.dumps(layout, indent=2))
 
 
-def _fresh_dir(path: str | Path, overwrite: bool) -> Path:
-    out = Path(path).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConversionError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
-    if not out.parent.exists():
-        raise ConversionError(f"{out.parent}: parent directory does not exist")
-    return out
-
-
 # ---- distributed checkpoint -> HF (offline, streaming) --------------------------------------
 
 
@@ -399,18 +396,18 @@ def megatron_to_hf_tensors(
     groups = [list(g) for _, g in itertools.groupby(maps.values(), key=lambda tm: tm.layer)]
     done = 0
     for group in groups:  # embedding, layer 0, ..., layer L-1, final norm + output layer
-        request, shapes = {}, {}
+        request, shapes = {}, {}  # shapes: per tensor, its pieces' (key, local shape)
         for tm in group:
             item = structure[tm.megatron]
             pieces = _pieces(item, torch.empty(item.data.shape, dtype=item.data.dtype))
-            for i, piece in enumerate(pieces):
-                request[f"{tm.megatron}#{i}"] = _without_prepended_axes(piece)
-                shapes[f"{tm.megatron}#{i}"] = piece.local_shape
+            shapes[tm.megatron] = [(f"{tm.megatron}#{i}", p.local_shape)
+                                   for i, p in enumerate(pieces)]
+            for (key, _), piece in zip(shapes[tm.megatron], pieces, strict=True):
+                request[key] = _without_prepended_axes(piece)
         loaded = dist_checkpointing.load(request, path, validate_access_integrity=False)
         for tm in group:
             item = structure[tm.megatron]
-            parts = [loaded.pop(f"{tm.megatron}#{i}").reshape(shapes[f"{tm.megatron}#{i}"])
-                     for i in range(len(_pieces(item, item.data)))]
+            parts = [loaded.pop(key).reshape(shape) for key, shape in shapes[tm.megatron]]
             full = parts[0] if isinstance(item, ShardedTensor) else item.merge_fn(parts)
             # HF checkpoints have one dtype: the model's (fp32-kept norms are cast back)
             yield from zip(tm.hf, tm.to_hf(full.to(embedding.dtype), arch), strict=True)
@@ -458,8 +455,6 @@ def convert_megatron_to_hf(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Write a distributed checkpoint as an HF checkpoint (config + tokenizer files copied)."""
-    from megarl.convert.hf_io import HFCheckpointWriter
-
     path = Path(ckpt_dir).expanduser()
     if not path.is_dir():
         raise ConversionError(f"{path}: not a directory (give a megatron distributed checkpoint)")
@@ -474,13 +469,13 @@ def convert_megatron_to_hf(
     else:
         hf_config = read_hf_config(path)
         tokenizer_from = path / HF_FILES
-    _fresh_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite)
     with single_rank(hf_config), HFCheckpointWriter(
         out_dir, hf_config, tokenizer_from=tokenizer_from, max_shard_bytes=max_shard_bytes,
         overwrite=overwrite,
     ) as writer:  # fmt: skip
         writer.add_all(megatron_to_hf_tensors(path, hf_config, progress=progress))
-    return {"tensors": len(writer._seen), "bytes": writer.total_bytes}
+    return {"tensors": writer.num_tensors, "bytes": writer.total_bytes}
 
 
 # ---- live models (the trainer) --------------------------------------------------------------

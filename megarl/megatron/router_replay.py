@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,8 +34,7 @@ from torch import Tensor
 
 from megarl.errors import UserError
 from megarl.megatron.packing import ROUTES, PackedMicroBatch, cp_partition_index
-
-RouteMode = Literal["off", "r3"]
+from megarl.metrics import comm_device
 
 
 def align_routes(routes: Tensor, num_tokens: int, topk: int) -> Tensor:
@@ -118,7 +117,6 @@ class RouteReplayer:
                     _wrap(module.router_replay, self)
         self.disagree = torch.zeros((), dtype=torch.float64)
         self.routes_seen = torch.zeros((), dtype=torch.float64)
-        self.installed = 0
         self.last_metrics: dict[str, float] = {}
 
     def before_forward(self, mb: PackedMicroBatch, model: Any) -> None:
@@ -137,7 +135,6 @@ class RouteReplayer:
                 local.replay.set_target_indices(rows[:, local.moe_index].long())
                 local.replay.megarl_routed_rows = routed
                 local.replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
-                self.installed += 1
 
     def _chunk(self, model: Any) -> int:
         """The chunk index of `model` (as built, or wrapped in DDP after)."""
@@ -163,7 +160,7 @@ class RouteReplayer:
             local.replay.clear_router_replay_action()
         counts = torch.stack([self.disagree, self.routes_seen])
         if dist.is_initialized():
-            counts = counts.to(_device())
+            counts = counts.to(comm_device())
             dist.all_reduce(counts)
         self.disagree.zero_()
         self.routes_seen.zero_()
@@ -181,12 +178,6 @@ def _routed_rows(mb: PackedMicroBatch) -> Tensor:
     for start, length in zip(mb.sample_starts, mb.sample_lengths, strict=True):
         routed[start: start + length - 1] = True
     return routed
-
-
-def _device() -> torch.device:
-    from megarl.metrics import comm_device
-
-    return comm_device()
 
 
 def _wrap(replay: RouterReplay, owner: RouteReplayer) -> None:
