@@ -79,10 +79,12 @@ class RolloutEngine(Protocol):
         """Sample one response per prompt (repeat a prompt for a group)."""
 
     def update_weights(self, weights: Iterable[tuple[str, Tensor]]) -> int:
-        """Load ``(hf_name, full tensor)`` pairs (any subset, any order); returns bytes loaded."""
+        """Load ``(hf_name, full tensor)`` pairs (any subset, any order; a lazy stream the engine
+        reads to the end) and drop caches computed by the old weights; returns bytes loaded."""
 
     def sleep(self) -> None:
         """Free accelerator memory (weights and cache) while training runs."""
 
-    def wake_up(self) -> None:
-        """Take the memory back before `update_weights` / `generate`."""
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Take memory back: ``["weights"]`` before `update_weights`, ``["kv_cache"]`` after it
+        (never both loading at once), all of it when None."""

@@ -166,8 +166,8 @@ class HFEngine:
             self.model.to("cpu")
             torch.cuda.empty_cache()
 
-    def wake_up(self) -> None:
-        if self.device.type == "cuda":
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        if self.device.type == "cuda" and (tags is None or "weights" in tags):
             self.model.to(self.device)
 
 

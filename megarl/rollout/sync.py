@@ -5,7 +5,7 @@ of `megarl.convert`; TP / expert-TP all-gather on the ranks that hold a tensor, 
 broadcast from its pipeline / expert owner), so no rank ever materialises the whole model: the
 sync holds one bucket plus the tensor being gathered. There is no vocabulary padding to strip
 (megarl never pads it: docs/conversion.md). Export is collective; every rank calls `sync_weights`,
-and ranks with an engine load each bucket as it fills.
+and ranks with an engine load the buckets as they fill.
 """
 
 from __future__ import annotations
@@ -50,25 +50,42 @@ def sync_weights(
     *,
     bucket_bytes: int = 512 << 20,
 ) -> dict[str, float]:
-    """Push the model into `engine` (None on ranks without one); returns ``sync/*`` metrics."""
+    """Push the model into `engine` (None on ranks without one); returns ``sync/*`` metrics.
+
+    The engine wakes its weights, loads the whole stream in ONE `update_weights` call (vLLM's
+    layer-wise reload must see every tensor of a layer in one call), then wakes its KV cache.
+    The stream gathers a bucket, hands its tensors over and drops them before gathering the
+    next: the sync holds at most one bucket plus the tensor that overflowed it.
+    """
     from megarl.megatron.weights import export_hf_weights
 
     start = time.perf_counter()
-    sent = count = largest = 0
-    batches = 0
-    for bucket in buckets(export_hf_weights(models, hf_config), bucket_bytes):
-        size = sum(nbytes(t) for _, t in bucket)
-        if engine is not None:
-            engine.update_weights(bucket)
-        sent += size
-        count += len(bucket)
-        largest = max(largest, size)
-        batches += 1
-        del bucket  # freed before the export gathers the next tensors
+    stats = {"bytes": 0, "tensors": 0, "buckets": 0, "largest": 0}
+
+    def stream() -> Iterator[Pair]:
+        for group in buckets(export_hf_weights(models, hf_config), bucket_bytes):
+            size = sum(nbytes(t) for _, t in group)
+            stats["bytes"] += size
+            stats["tensors"] += len(group)
+            stats["buckets"] += 1
+            stats["largest"] = max(stats["largest"], size)
+            group.reverse()
+            while group:  # the consumer holds the only reference once a pair is handed over
+                yield group.pop()
+
+    pairs = stream()
+    if engine is not None:
+        engine.wake_up(["weights"])
+        engine.update_weights(pairs)
+    left = sum(1 for _ in pairs)  # export is collective: every rank runs it to the end
+    if left:
+        raise RuntimeError(f"the rollout engine's update_weights left {left} tensors unread")
+    if engine is not None:
+        engine.wake_up(["kv_cache"])
     return {
         "sync/seconds": time.perf_counter() - start,
-        "sync/bytes": float(sent),
-        "sync/tensors": float(count),
-        "sync/buckets": float(batches),
-        "sync/largest_bucket_bytes": float(largest),
+        "sync/bytes": float(stats["bytes"]),
+        "sync/tensors": float(stats["tensors"]),
+        "sync/buckets": float(stats["buckets"]),
+        "sync/largest_bucket_bytes": float(stats["largest"]),
     }

@@ -10,13 +10,16 @@ installed:
   the recorded routes forced (so the replay used exactly the recorded experts), the
   disagreement metric equals the true fraction over the routed rows, and a replayed training
   step gives every router weight a gradient;
-- after that optimizer step, a bucketed sync leaves every engine tensor equal to the gathered
-  Megatron tensor.
+- after that optimizer step, a bucketed sync (wake weights, one streamed load, wake KV cache)
+  leaves every engine tensor equal to the gathered Megatron tensor, and the exported tensors
+  alive at any time stay within one bucket (plus the tensor that overflowed it and the one
+  being loaded), far below the model's size.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +138,41 @@ def _router_grads_are_zero(models, tconfig, samples, engine_logp, replayer, tp,
     return zero[0], models
 
 
+class _TrackedEngine:
+    """The HF engine, recording the calls of a sync and the peak bytes of exported tensor
+    storages alive while it loads (a storage is alive until every view handed over is gone)."""
+
+    def __init__(self, engine: HFEngine) -> None:
+        self.engine, self.calls = engine, []
+        self.live: dict[int, list[int]] = {}
+        self.peak = self.largest = 0
+
+    def wake_up(self, tags=None) -> None:
+        self.calls.append("wake:" + ",".join(tags or ["all"]))
+        self.engine.wake_up(tags)
+
+    def _release(self, key: int) -> None:
+        self.live[key][0] -= 1
+        if self.live[key][0] == 0:
+            del self.live[key]
+
+    def update_weights(self, weights) -> int:
+        self.calls.append("update")
+
+        def watched():
+            for name, tensor in weights:
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                self.live.setdefault(key, [0, storage.nbytes()])[0] += 1
+                weakref.finalize(tensor, self._release, key)
+                self.largest = max(self.largest, storage.nbytes())
+                self.peak = max(self.peak, sum(size for _, size in self.live.values()))
+                yield name, tensor
+                del tensor
+
+        return self.engine.update_weights(watched())
+
+
 def run_case(layout: str, root: Path) -> dict[str, float]:
     source = root / "qwen3_moe"
     checkpoint = HFCheckpoint(source)
@@ -180,7 +218,14 @@ def run_case(layout: str, root: Path) -> dict[str, float]:
     errs["router_grad_zero"], models = _router_grads_are_zero(
         models, tconfig, samples, engine_logp, replayer, tp, options)
     # after the optimizer step: sync into the engine in small buckets, then compare every tensor
-    metrics = sync_weights(models, engine, config, bucket_bytes=8 << 10)
+    bucket = 8 << 10
+    tracked = _TrackedEngine(engine)
+    metrics = sync_weights(models, tracked, config, bucket_bytes=bucket)
+    errs["sync_peak_bytes"] = float(tracked.peak)
+    errs["sync_peak_over_bound"] = float(tracked.peak > bucket + 2 * tracked.largest)
+    errs["sync_peak_over_quarter_model"] = float(tracked.peak > metrics["sync/bytes"] / 4)
+    errs["sync_wake_order_wrong"] = float(tracked.calls != ["wake:weights", "update",
+                                                            "wake:kv_cache"])
     megatron = dict(export_hf_weights(models, config))
     mine = dict(engine.hf_tensors())
     errs["sync_mismatches"] = float(sum(not torch.equal(mine[n], t) for n, t in megatron.items())
@@ -201,4 +246,7 @@ def passes(errs: dict[str, Any]) -> bool:
             and errs["disagreement_unperturbed"] == 0.0 and errs["disagreement_true"] > 0.02
             and abs(errs["disagreement"] - errs["disagreement_true"]) < 1e-12
             and errs["routes_counted_minus_true"] == 0.0 and errs["router_grad_zero"] == 0.0
-            and errs["sync_mismatches"] == 0.0 and errs["sync_buckets_below_2"] == 0.0)
+            and errs["sync_mismatches"] == 0.0 and errs["sync_buckets_below_2"] == 0.0
+            and errs["sync_peak_over_bound"] == 0.0
+            and errs["sync_peak_over_quarter_model"] == 0.0
+            and errs["sync_wake_order_wrong"] == 0.0)
