@@ -33,8 +33,10 @@ from megatron.core.transformer.moe.router_replay import RouterReplay, RouterRepl
 from torch import Tensor
 
 from megarl.errors import UserError
+from megarl.megatron.loss import gather_from_context_parallel
 from megarl.megatron.packing import ROUTES, PackedMicroBatch, cp_partition_index
 from megarl.metrics import comm_device
+from megarl.rollout.engine import route_dtype
 
 
 def align_routes(routes: Tensor, num_tokens: int, topk: int) -> Tensor:
@@ -90,8 +92,8 @@ class _Local:
     replay: RouterReplay
 
 
-class RouteReplayer:
-    """Installs packed routes into the routers of this rank's model chunks (R3)."""
+class _LocalRouters:
+    """This rank's routers (of every model chunk), keyed by global layer number."""
 
     def __init__(self, models: list[Any], moe_layers: tuple[bool, ...], num_experts: int,
                  topk: int) -> None:  # fmt: skip
@@ -104,8 +106,6 @@ class RouteReplayer:
             self._chunk_of[id(inner)] = c
             self._chunk_of[id(model)] = c
             self.sequence_parallel = bool(inner.config.sequence_parallel)
-            self.counts_routes = self.sequence_parallel or \
-                ps.get_tensor_model_parallel_rank() == 0
             for module in inner.modules():
                 if isinstance(module, TopKRouter):
                     if module.router_replay is None:
@@ -114,7 +114,31 @@ class RouteReplayer:
                                         "(..., routing_replay=True))")
                     layer = int(module.layer_number)
                     self.locals.append(_Local(c, layer, moe_index[layer], module.router_replay))
-                    _wrap(module.router_replay, self)
+        self.num_chunks = len(models)
+
+    def _chunk(self, model: Any) -> int:
+        """The chunk index of `model` (as built, or wrapped in DDP after)."""
+        for candidate in (model, getattr(model, "module", None)):
+            if id(candidate) in self._chunk_of:
+                return self._chunk_of[id(candidate)]
+        raise RuntimeError("routing replay: a model chunk this replayer was not built for")
+
+    def _clear(self) -> None:
+        for local in self.locals:
+            local.replay.clear_indices()
+            local.replay.clear_router_replay_action()
+
+
+class RouteReplayer(_LocalRouters):
+    """Installs packed routes into the routers of this rank's model chunks (R3, and R2's
+    training side)."""
+
+    def __init__(self, models: list[Any], moe_layers: tuple[bool, ...], num_experts: int,
+                 topk: int) -> None:  # fmt: skip
+        super().__init__(models, moe_layers, num_experts, topk)
+        self.counts_routes = self.sequence_parallel or ps.get_tensor_model_parallel_rank() == 0
+        for local in self.locals:
+            _wrap(local.replay, self)
         self.disagree = torch.zeros((), dtype=torch.float64)
         self.routes_seen = torch.zeros((), dtype=torch.float64)
         self.last_metrics: dict[str, float] = {}
@@ -136,13 +160,6 @@ class RouteReplayer:
                 local.replay.megarl_routed_rows = routed
                 local.replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
 
-    def _chunk(self, model: Any) -> int:
-        """The chunk index of `model` (as built, or wrapped in DDP after)."""
-        for candidate in (model, getattr(model, "module", None)):
-            if id(candidate) in self._chunk_of:
-                return self._chunk_of[id(candidate)]
-        raise RuntimeError("routing replay: a model chunk this replayer was not built for")
-
     def after_forward(self, model: Any) -> None:
         chunk = self._chunk(model)
         for local in self.locals:
@@ -156,8 +173,7 @@ class RouteReplayer:
             if training and recompute and left:
                 raise RuntimeError(f"layer {local.layer}: {left} replayed routes were never "
                                    "consumed by the backward recompute")
-            local.replay.clear_indices()
-            local.replay.clear_router_replay_action()
+        self._clear()
         counts = torch.stack([self.disagree, self.routes_seen])
         if dist.is_initialized():
             counts = counts.to(comm_device())
@@ -170,6 +186,100 @@ class RouteReplayer:
             "router/replayed_routes": seen,
         }
         return self.last_metrics
+
+
+class RouteRecorder(_LocalRouters):
+    """R2: records Megatron's own routes in a forward pass (the old-log-prob pass), so that
+    training can replay them with `RouteReplayer` (``sample_routes`` -> ``TrainSample``).
+
+    Each router records the rows it saw; `take` reassembles whole packed rows: the SP slices of
+    the TP ranks concatenated, the CP partitions put back in place, the MoE layers of every
+    pipeline stage (and virtual stage) summed into one ``[T, moe_layers, k]`` tensor, so every
+    rank of a TP x CP x PP group ends with the same routes.
+    """
+
+    def __init__(self, models: list[Any], moe_layers: tuple[bool, ...], num_experts: int,
+                 topk: int) -> None:  # fmt: skip
+        super().__init__(models, moe_layers, num_experts, topk)
+        self._records: list[list[Tensor | None]] = [[] for _ in range(self.num_chunks)]
+        self._row_lengths: list[int] = []  # as scheduled (a VPP schedule pads the rows)
+
+    def before_forward(self, mb: PackedMicroBatch, model: Any) -> None:
+        chunk = self._chunk(model)
+        if chunk == 0:
+            self._row_lengths.append(mb.row_length)
+        for local in self.locals:
+            if local.chunk == chunk:
+                local.replay.clear_indices()
+                local.replay.set_router_replay_action(RouterReplayAction.RECORD)
+
+    def after_forward(self, model: Any) -> None:
+        chunk = self._chunk(model)
+        rows = None
+        for local in self.locals:
+            if local.chunk != chunk:
+                continue
+            got = local.replay.get_recorded_indices()
+            if got is None:
+                raise RuntimeError(f"layer {local.layer}: the router recorded nothing")
+            if rows is None:
+                rows = got.new_zeros((got.shape[0], self.num_moe_layers, self.topk))
+            rows[:, local.moe_index] = got
+            local.replay.clear_indices()
+            local.replay.clear_router_replay_action()
+        self._records[chunk].append(rows)  # None: a chunk without MoE layers
+
+    def finish_step(self, *, training: bool, recompute: bool) -> dict[str, float]:
+        self._clear()
+        return {}
+
+    def take(self, micro_batches: list[PackedMicroBatch]) -> list[Tensor]:
+        """Whole-row routes ``[T, moe_layers, k]`` of each micro-batch (collective over TP, CP
+        and PP); clears the records."""
+        records, self._records = self._records, [[] for _ in range(self.num_chunks)]
+        lengths, self._row_lengths = self._row_lengths, []
+        if len(lengths) != len(micro_batches):
+            raise RuntimeError(f"recorded {len(lengths)} micro-batches, asked for "
+                               f"{len(micro_batches)}")
+        tp, cp = ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size()
+        device = comm_device()
+        out = []
+        for k, (mb, length) in enumerate(zip(micro_batches, lengths, strict=True)):
+            full = torch.zeros((length, self.num_moe_layers, self.topk), dtype=torch.long,
+                               device=device)
+            for chunk in range(self.num_chunks):
+                rows = records[chunk][k]
+                if rows is None:
+                    continue
+                rows = rows.to(device)
+                if tp > 1 and self.sequence_parallel:
+                    pieces = [torch.empty_like(rows) for _ in range(tp)]
+                    dist.all_gather(pieces, rows.contiguous(),
+                                    group=ps.get_tensor_model_parallel_group())
+                    rows = torch.cat(pieces)
+                if cp > 1:
+                    rows = gather_from_context_parallel(rows, _padded_cu(mb, length).to(device),
+                                                        ps.get_context_parallel_group())
+                full += rows  # each chunk fills only its own MoE layers' columns
+            if ps.get_pipeline_model_parallel_world_size() > 1:
+                dist.all_reduce(full, group=ps.get_pipeline_model_parallel_group())
+            out.append(full[: mb.row_length].to("cpu", route_dtype(self.num_experts)))
+        return out
+
+
+def _padded_cu(mb: PackedMicroBatch, length: int) -> Tensor:
+    """`mb.cu_seqlens`, with a row padded to `length` by a fixed-shape schedule."""
+    cu = mb.cu_seqlens
+    if int(cu[-1]) == length:
+        return cu
+    return torch.cat([cu, cu.new_tensor([length])])
+
+
+def sample_routes(mb: PackedMicroBatch, rows: Tensor) -> list[Tensor]:
+    """Whole-row routes -> each sample's token-aligned ``[L, moe_layers, k]`` (a
+    `TrainSample.routed_experts`)."""
+    return [rows[start: start + length].clone()
+            for start, length in zip(mb.sample_starts, mb.sample_lengths, strict=True)]
 
 
 def _routed_rows(mb: PackedMicroBatch) -> Tensor:

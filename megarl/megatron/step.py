@@ -37,7 +37,7 @@ from megarl.megatron.packing import (
     pad_row,
 )
 from megarl.megatron.parallel import data_parallel_group
-from megarl.megatron.router_replay import RouteReplayer
+from megarl.megatron.router_replay import RouteRecorder, RouteReplayer
 from megarl.metrics import MetricAccumulator, comm_device
 
 
@@ -101,7 +101,7 @@ def model_inputs(mb: PackedMicroBatch, options: ForwardOptions) -> dict[str, Any
 def make_forward_step(
     options: ForwardOptions,
     loss_closure: Callable[[PackedMicroBatch, Tensor], tuple],
-    replay: RouteReplayer | None = None,
+    replay: RouteReplayer | RouteRecorder | None = None,
 ) -> Callable:
     """`forward_step_func` for megatron's schedules; `loss_closure(mb, output)` -> 3-tuple.
 
@@ -258,7 +258,7 @@ def compute_logprobs(
     options: ForwardOptions = ForwardOptions(),
     *,
     with_entropy: bool = False,
-    replay: RouteReplayer | None = None,
+    replay: RouteReplayer | RouteRecorder | None = None,
 ) -> list[Tensor]:
     """Forward-only log-probs (old / reference policy) of every micro-batch's labels.
 

@@ -10,6 +10,9 @@ installed:
   the recorded routes forced (so the replay used exactly the recorded experts), the
   disagreement metric equals the true fraction over the routed rows, and a replayed training
   step gives every router weight a gradient;
+- R2: Megatron records its own routes in a forward pass (whole rows reassembled across SP /
+  CP / PP); unperturbed they equal the engine's, perturbed they equal transformers' own top-k
+  under the same routers, and replaying them reproduces the recording pass (no disagreement);
 - after that optimizer step, a bucketed sync (wake weights, one streamed load, wake KV cache)
   leaves every engine tensor equal to the gathered Megatron tensor, and the exported tensors
   alive at any time stay within one bucket (plus the tensor that overflowed it and the one
@@ -36,7 +39,12 @@ from megarl.megatron.model import build_model, transformer_config_from_hf, wrap_
 from megarl.megatron.optimizer import build_optimizer
 from megarl.megatron.packing import TrainSample, make_micro_batches
 from megarl.megatron.parallel import destroy_parallel, initialize_parallel
-from megarl.megatron.router_replay import RouteReplayer, align_routes
+from megarl.megatron.router_replay import (
+    RouteRecorder,
+    RouteReplayer,
+    align_routes,
+    sample_routes,
+)
 from megarl.megatron.step import (
     ForwardOptions,
     attach_schedule_hooks,
@@ -109,6 +117,42 @@ def _forced(engine: HFEngine, samples: list[TrainSample]):
         start = int(torch.nonzero(s.loss_mask)[0]) - 1
         out.append(logp[start:])
     return out, differ, total
+
+
+def _own_routes(engine: HFEngine, samples: list[TrainSample]) -> list[torch.Tensor]:
+    """The transformers model's own top-k for every token of each sample (one un-cached
+    forward; the engine's router hooks capture them)."""
+    out = []
+    with torch.no_grad():
+        for s in samples:
+            engine._captured = []
+            engine.model(s.tokens[None])
+            out.append(engine._take_routes(1, len(s.tokens))[0])
+    return out
+
+
+def _route_set_mismatches(a: list[torch.Tensor], b: list[torch.Tensor]) -> int:
+    """(token, layer) rows whose expert SETS differ."""
+    return sum(int((x.long().sort(-1).values != y.long().sort(-1).values).any(-1).sum())
+               for x, y in zip(a, b, strict=True))
+
+
+def _r2(models, mbs, samples, options, recorder, replayer) -> tuple[list, list, float, float]:
+    """R2: record Megatron's own routes in a forward pass, then replay them. Returns the
+    recorded per-sample routes, the record pass's rows, the replay's disagreement and the
+    largest |logp(replay) - logp(record)| over the responses (padding rows route differently)."""
+    recorded_logp = compute_logprobs(models, mbs, options, replay=recorder)
+    rows = recorder.take(mbs)
+    routes = [r for mb, row in zip(mbs, rows, strict=True) for r in sample_routes(mb, row)]
+    replayed = [dataclasses.replace(s, routed_experts=r) for s, r in zip(samples, routes,
+                                                                         strict=True)]
+    tp = ps.get_tensor_model_parallel_world_size()
+    again = make_micro_batches(replayed, num_micro_batches=2, seq_multiple=3, row_multiple=tp)
+    replay_logp = _response_logprobs(compute_logprobs(models, again, options, replay=replayer),
+                                     again, samples)
+    diff = max(float((a - b).abs().max()) for a, b in zip(
+        replay_logp, _response_logprobs(recorded_logp, mbs, samples), strict=True))
+    return routes, recorded_logp, replayer.last_metrics["router/replay_disagreement"], diff
 
 
 def _router_grads_are_zero(models, tconfig, samples, engine_logp, replayer, tp,
@@ -200,6 +244,14 @@ def run_case(layout: str, root: Path) -> dict[str, float]:
     errs = {"logp": max(float((a - b).abs().max()) for a, b in zip(got, engine_logp,
                                                                    strict=True)),
             "disagreement_unperturbed": replayer.last_metrics["router/replay_disagreement"]}
+    # R2 on the unperturbed model: Megatron's own routes are the engine's (last token aside)
+    recorder = RouteRecorder(models, arch.moe_layers, arch.num_experts, 2)
+    routes, rows, _, _ = _r2(models, mbs, samples, options, recorder, replayer)
+    errs["r2_vs_engine"] = float(_route_set_mismatches(
+        [r[:-1] for r in routes], [s.routed_experts[:-1] for s in samples]))
+    got = _response_logprobs(rows, mbs, samples)
+    errs["r2_logp"] = max(float((a - b).abs().max()) for a, b in zip(got, engine_logp,
+                                                                     strict=True))
 
     # perturb every router the same way on every rank, then mirror it into the engine
     g = torch.Generator().manual_seed(99)
@@ -210,6 +262,12 @@ def run_case(layout: str, root: Path) -> dict[str, float]:
                     p.add_(NOISE * torch.randn(p.shape, generator=g))
     engine.update_weights((n, t) for n, t in export_hf_weights(models, config)
                           if n.endswith("mlp.gate.weight"))
+    # R2 on the perturbed model: the recorded routes are its own (transformers' top-k with
+    # the same perturbed routers), and replaying them reproduces the recording pass exactly
+    routes, _, errs["r2_replay_disagreement"], errs["r2_replay_logp"] = _r2(
+        models, mbs, samples, options, recorder, replayer)
+    errs["r2_vs_own_perturbed"] = float(_route_set_mismatches(routes,
+                                                              _own_routes(engine, samples)))
     rows = compute_logprobs(models, mbs, options, replay=replayer)
     got = _response_logprobs(rows, mbs, samples)
     forced, differ, total = _forced(engine, samples)
@@ -249,4 +307,7 @@ def passes(errs: dict[str, Any]) -> bool:
             and errs["sync_mismatches"] == 0.0 and errs["sync_buckets_below_2"] == 0.0
             and errs["sync_peak_over_bound"] == 0.0
             and errs["sync_peak_over_quarter_model"] == 0.0
-            and errs["sync_wake_order_wrong"] == 0.0)
+            and errs["sync_wake_order_wrong"] == 0.0
+            and errs["r2_vs_engine"] == 0.0 and errs["r2_logp"] <= TOL
+            and errs["r2_vs_own_perturbed"] == 0.0 and errs["r2_replay_disagreement"] == 0.0
+            and errs["r2_replay_logp"] <= 1e-6)
