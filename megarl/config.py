@@ -34,6 +34,12 @@ from megarl.errors import ConfigError, UserError
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Sink = Literal["console", "jsonl", "tensorboard", "wandb"]
+# Routing replay: R3 replays the rollout engine's routes, R2 Megatron's own (recorded in the
+# old-log-prob pass); YAML's bare `off` / `on` parse as booleans and mean "off" / "r3".
+ReplayMode = Literal["r3", "r2", "off"]
+# vLLM 0.33 MoE kernels that reload weights in place ("auto" lets vLLM pick).
+MoeBackend = Literal["auto", "triton", "batched_triton", "flashinfer_trtllm", "flashinfer_cutlass",
+                     "aiter"]
 
 # Advantage estimators that compare a sample with the other samples of its prompt.
 _GROUP_BASELINES = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
@@ -58,7 +64,7 @@ class ModelConfig:
     tokenizer: str | None = None  # defaults to name_or_path
     random_init: bool = False
     dtype: Dtype = "bfloat16"
-    routing_replay: bool | None = None  # R3; None = on for MoE models
+    routing_replay: ReplayMode | bool | None = None  # None = "r3" for MoE models, else "off"
     transformer_engine: bool | None = None  # None = use the TE spec when it imports
     recompute: Literal["none", "selective", "full"] = "none"
 
@@ -75,6 +81,16 @@ class ModelConfig:
             raise ConfigError(
                 "model.tokenizer", None, "required when there is no model.name_or_path"
             )
+
+    def replay_mode(self, facts: ModelFacts | None = None) -> ReplayMode:
+        """The routing replay mode: ``routing_replay`` with its shorthands resolved."""
+        mode = self.routing_replay
+        if mode is None:
+            is_moe = (facts or self.facts()).is_moe
+            return "off" if is_moe is False else "r3"
+        if isinstance(mode, bool):
+            return "r3" if mode else "off"
+        return mode
 
     def known_config(self) -> dict[str, Any]:
         """The HF config as far as it is known offline: local config.json updated by hf_config."""
@@ -267,6 +283,8 @@ class RolloutConfig:
     tp: int = 1
     gpu_memory_utilization: float = 0.6
     enforce_eager: bool = False
+    moe_backend: MoeBackend = "triton"  # vLLM's MoE kernels; must support in-place reload
+    sync_bucket_mb: float = 512  # weight sync: MiB gathered and loaded at a time
 
     def check(self) -> None:
         _positive("rollout.n_samples", self.n_samples)
@@ -285,6 +303,12 @@ class RolloutConfig:
             raise ConfigError(
                 "rollout.gpu_memory_utilization", self.gpu_memory_utilization, "must be in (0, 1]"
             )
+        if not self.sync_bucket_mb > 0:
+            raise ConfigError("rollout.sync_bucket_mb", self.sync_bucket_mb, "must be > 0")
+
+    @property
+    def sync_bucket_bytes(self) -> int:
+        return max(1, int(self.sync_bucket_mb * (1 << 20)))
 
 
 @dataclass
@@ -478,8 +502,13 @@ class Config:
                 topk,
                 f"must be <= num_experts={facts.num_experts}",
             )
-        if self.model.routing_replay and facts.is_moe is False:
-            raise ConfigError("model.routing_replay", True, "needs an MoE model")
+        replay = self.model.replay_mode(facts)
+        if replay != "off" and facts.is_moe is False:
+            raise ConfigError("model.routing_replay", self.model.routing_replay,
+                              "needs an MoE model (use off for a dense one)")
+        if replay == "r2" and self.algo.old_logprobs != "recompute":
+            raise ConfigError("model.routing_replay", "r2", "records routes in the old-log-prob "
+                              "pass: needs algo.old_logprobs=recompute (or use r3)")
         length = self.rollout.max_prompt_len + self.rollout.max_response_len
         if facts.max_position_embeddings and length > facts.max_position_embeddings:
             raise ConfigError(

@@ -56,10 +56,13 @@ def _model(c: Config) -> list[tuple[str, str]]:
         rows.append(("vocab", str(f.vocab_size)))
     rows.append(("tokenizer", m.tokenizer or source))
     rows.append(("dtype", m.dtype))
-    replay = m.routing_replay
-    if replay is None:
-        replay = f.is_moe
-    rows.append(("routing replay (R3)", {True: "on", False: "off", None: "on if MoE"}[replay]))
+    mode = m.replay_mode(f)
+    described = {"r3": "R3 (the rollout engine's routes)",
+                 "r2": "R2 (Megatron's own routes from the old-log-prob pass)", "off": "off"}
+    replay = described[mode]
+    if m.routing_replay is None and f.is_moe is None:
+        replay += " if MoE"
+    rows.append(("routing replay", replay))
     return rows
 
 

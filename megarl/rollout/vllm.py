@@ -39,17 +39,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from megarl.config import Config, MoeBackend
 from megarl.errors import ConfigError, UserError
 from megarl.rollout.engine import Rollout, RolloutBatch, SamplingParams, route_dtype
 
+MOE_BACKENDS: tuple[str, ...] = get_args(MoeBackend)
 SLEEP_LEVEL = 2  # discard weights and KV cache; the next sync rewrites every weight
-MOE_BACKENDS = ("triton", "batched_triton", "flashinfer_trtllm", "flashinfer_cutlass", "aiter")
 
 
 def import_vllm() -> Any:
@@ -75,15 +76,25 @@ class VLLMOptions:
     load_format: str = "dummy"  # the first sync writes every weight: skip reading them twice
     routed_experts: bool = True  # R3
 
+    @classmethod
+    def from_config(cls, config: Config, *, seed: int) -> VLLMOptions:
+        """The options of a run: ``rollout.*``, the model's dtype, and routes iff R3."""
+        r = config.rollout
+        return cls(tp=r.tp, dtype=config.model.dtype,
+                   gpu_memory_utilization=r.gpu_memory_utilization,
+                   max_model_len=r.max_prompt_len + r.max_response_len,
+                   enforce_eager=r.enforce_eager, moe_backend=r.moe_backend, seed=seed,
+                   routed_experts=config.model.replay_mode() == "r3")
+
     def check(self) -> None:
         if self.tp < 1:
             raise ConfigError("rollout.tp", self.tp, "must be >= 1")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError("rollout.gpu_memory_utilization", self.gpu_memory_utilization,
                               "must be in (0, 1]")
-        if self.moe_backend not in ("auto", *MOE_BACKENDS):
+        if self.moe_backend not in MOE_BACKENDS:
             raise ConfigError("rollout.moe_backend", self.moe_backend,
-                              f"must be 'auto' or one of {', '.join(MOE_BACKENDS)}")
+                              f"must be one of {', '.join(MOE_BACKENDS)}")
 
 
 def engine_group(rank: int, world_size: int, tp: int) -> tuple[int, int]:

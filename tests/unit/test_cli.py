@@ -53,6 +53,7 @@ def test_plan_prints_the_quickstart_run() -> None:
     assert "128" in out  # 16 prompts x 8 samples
     assert "64 -> 2 per epoch" in out
     assert "16 -> 4 per mini-batch" in out
+    assert "R3 (the rollout engine's routes)" in out
 
 
 def test_plan_applies_overrides() -> None:

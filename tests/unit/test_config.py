@@ -171,6 +171,37 @@ def test_dense_model_rejects_expert_parallel_and_replay() -> None:
     assert quick(*dense).model.facts().is_moe is False
 
 
+@pytest.mark.parametrize(
+    ("value", "mode"),
+    [("null", "r3"), ("r3", "r3"), ("r2", "r2"), ("off", "off"), ("true", "r3"), ("false", "off")],
+)
+def test_routing_replay_modes(value: str, mode: str) -> None:
+    """YAML's bare off/true/false are booleans; each resolves to one of r3 / r2 / off."""
+    c = quick(f"model.routing_replay={value}")
+    assert c.model.replay_mode() == mode
+    assert Config.from_dict(yaml.safe_load(c.to_yaml())).model.replay_mode() == mode
+
+
+def test_routing_replay_rejects_bad_modes() -> None:
+    err = config_error("model.routing_replay=r4")
+    assert err.field == "model.routing_replay" and "'r3'" in err.allowed
+    dense = ["model.hf_config.num_experts=null", "model.hf_config.model_type=qwen3"]
+    assert quick(*dense).model.replay_mode() == "off"  # the default follows the model
+    for mode in ("r2", "r3"):
+        assert config_error(*dense, f"model.routing_replay={mode}").field == "model.routing_replay"
+    err = config_error("model.routing_replay=r2", "algo.old_logprobs=rollout")
+    assert err.field == "model.routing_replay" and "old_logprobs" in err.allowed
+
+
+def test_weight_sync_and_vllm_rollout_options() -> None:
+    c = quick("rollout.sync_bucket_mb=0.5", "rollout.moe_backend=auto")
+    assert c.rollout.sync_bucket_bytes == 1 << 19
+    assert quick().rollout.sync_bucket_bytes == 512 << 20
+    assert config_error("rollout.sync_bucket_mb=0").field == "rollout.sync_bucket_mb"
+    err = config_error("rollout.moe_backend=cutlass")
+    assert err.field == "rollout.moe_backend" and "flashinfer_cutlass" in err.allowed
+
+
 def test_malformed_override() -> None:
     err = config_error("trainer.steps")
     assert err.field == "override"

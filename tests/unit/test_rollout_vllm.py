@@ -73,6 +73,24 @@ def test_llm_kwargs_colocated_r3_sleep_refit() -> None:
     assert off["enable_return_routed_experts"] is False
 
 
+def test_options_from_a_run_config() -> None:
+    from pathlib import Path
+
+    from megarl.config import load_config
+
+    quickstart = Path(__file__).resolve().parents[2] / "examples/configs/quickstart.yaml"
+    c = load_config(quickstart, ["rollout.engine=vllm", "rollout.tp=2", "parallel.world_size=4",
+                                 "rollout.moe_backend=batched_triton", "model.dtype=bfloat16"])
+    opts = VLLMOptions.from_config(c, seed=3)
+    assert (opts.tp, opts.moe_backend, opts.dtype, opts.seed) == (2, "batched_triton",
+                                                                  "bfloat16", 3)
+    assert opts.max_model_len == c.rollout.max_prompt_len + c.rollout.max_response_len
+    assert opts.routed_experts  # MoE default: R3
+    for mode in ("r2", "off"):
+        c2 = load_config(quickstart, [f"model.routing_replay={mode}"])
+        assert not VLLMOptions.from_config(c2, seed=0).routed_experts  # no routes to capture
+
+
 def test_bad_options_name_the_field() -> None:
     with pytest.raises(ConfigError, match=r"rollout.tp=3: must divide the world size 8"):
         llm_kwargs("/m", VLLMOptions(tp=3), rank=0, world_size=8)
