@@ -17,6 +17,12 @@ checks that every installed route was consumed and clears everything.
 Each replaying router also computes its own top-k and counts the (token, layer) routes whose
 expert SET differs from the replayed one, over the rows the engine routed (not padding, not a
 sample's last token): ``router/replay_disagreement``.
+
+R2 (`RouteRecorder`) routes with Megatron's own router in the old-log-prob pass, records the
+choices (megatron's RECORD action) and `take` reassembles them into whole packed rows on every
+rank of the TP x CP x PP group; `sample_routes` cuts them back into token-aligned
+``TrainSample.routed_experts``, which the training passes replay as in R3. It keeps the ratio
+pi/pi_old on one routing when the engine cannot return routes.
 """
 
 from __future__ import annotations
