@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in (
         ("plan", "validate a config and print the run it describes"),
-        ("train", "run RL training (not implemented yet)"),
+        ("train", "run RL training"),
         ("eval", "evaluate a policy: avg@k, maj@k, pass@k (not implemented yet)"),
     ):
         p = sub.add_parser(name, help=text, description=text)
@@ -70,7 +70,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print_plan(config)
         return 0
     if args.command == "train":
-        return _not_implemented("train", "the training loop (megarl.trainer)")
+        from megarl.trainer import Trainer
+
+        Trainer(config).fit()
+        return 0
     return _not_implemented("eval", "sampling-based evaluation (megarl.evaluate)")
 
 

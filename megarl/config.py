@@ -372,8 +372,9 @@ class DataConfig:
     train: str = "toy:arithmetic"
     split: str = "train"
     eval: list[str] = field(default_factory=list)
-    prompt_key: str = "problem"
-    answer_key: str = "answer"
+    prompt_key: str | None = None  # None = the known format's (megarl/data/formats.py)
+    answer_key: str | None = None
+    instruction: str | None = None  # appended to each prompt; None = the format's default
     template: Literal["chat", "plain"] = "chat"
     reward: Literal["math", "exact"] = "math"
     reward_workers: int = 4
@@ -432,7 +433,7 @@ class CheckpointConfig:
     dir: str | None = None
     save_every: int = 0  # 0 = only at the end
     keep_last: int | None = None
-    load: str | None = None  # a checkpoint to resume from
+    resume: str = "auto"  # "auto" = the newest complete checkpoint in dir, "never", or a path
     save_hf: bool = False  # also export HF safetensors at the end
 
     def check(self) -> None:

@@ -38,5 +38,5 @@ def build_optimizer(
         params_dtype=params_dtype,
         use_distributed_optimizer=distributed,
     )
-    # module attribute on purpose: tests running on CPU wrap it (tests/distributed/cpu_shim.py)
+    # module attribute on purpose: CPU runs wrap it (megarl/megatron/cpu.py)
     return mcore_optimizer.get_megatron_optimizer(config, models)

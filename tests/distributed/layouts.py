@@ -1,4 +1,4 @@
-"""Megatron layouts vs the single-rank run, on CPU with gloo (tests/distributed/cpu_shim.py).
+"""Megatron layouts vs the single-rank run, on CPU with gloo (megarl/megatron/cpu.py).
 
     python tests/distributed/layouts.py reference OUT.pt
     torchrun --standalone --nproc_per_node=N tests/distributed/layouts.py compare REF.pt LAYOUT...
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from tests.distributed import cpu_shim  # noqa: E402
+from megarl.megatron import cpu as cpu_shim  # noqa: E402
 
 cpu_shim.install()
 if os.environ.get("MEGARL_DUMP_AFTER"):  # a hang prints every thread's stack after N seconds

@@ -45,6 +45,7 @@ def test_quickstart_loads_and_validates() -> None:
 def test_overrides_scalars_nested_lists_and_null() -> None:
     c = quick(
         "trainer.lr=1e-5",
+        "trainer.min_lr=0",
         "trainer.steps=7",
         "model.hf_config.num_experts=8",
         "logging.sinks=[console, tensorboard]",
@@ -69,11 +70,11 @@ def test_int_is_accepted_for_a_float_field() -> None:
 
 def test_yaml_scientific_notation_is_a_float(tmp_path: Path) -> None:
     data = yaml.safe_load(QUICKSTART.read_text())
-    text = yaml.safe_dump(data).replace("lr: 0.001", "lr: 3e-4")
-    assert "lr: 3e-4" in text
+    text = yaml.safe_dump(data).replace("lr: 0.003", "lr: 5e-3")
+    assert "lr: 5e-3" in text
     path = tmp_path / "c.yaml"
     path.write_text(text)
-    assert load_config(path).trainer.lr == 3e-4
+    assert load_config(path).trainer.lr == 5e-3
 
 
 def test_unknown_top_level_key_suggests_the_section() -> None:
@@ -238,7 +239,7 @@ def test_default_config_needs_a_model() -> None:
 
 
 def test_round_trip_through_dict_and_yaml(tmp_path: Path) -> None:
-    c = quick("trainer.lr=3e-6", "algo.params.eps_low=0.25", "parallel.etp=1")
+    c = quick("trainer.lr=3e-6", "trainer.min_lr=0", "algo.params.eps_low=0.25", "parallel.etp=1")
     again = Config.from_dict(c.to_dict())
     assert again == c
     path = tmp_path / "resolved.yaml"

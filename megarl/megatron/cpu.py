@@ -1,4 +1,4 @@
-"""Test-only: make megatron-core 0.19.2 run on CPU with gloo.
+"""Make megatron-core 0.19.2 run on CPU with gloo (the quickstart, the CPU tests).
 
 megatron-core assumes CUDA in a few dozen places (``torch.cuda.current_device()`` as a device,
 the CUDA RNG tracker, ``device="cuda"`` in the schedules and the optimizer, side streams in the
@@ -7,8 +7,9 @@ replaces one Python attribute; each is needed by at least one test in tests/dist
 shared/notes/megatron-on-cpu.md §3 for the failure each one fixes; 11 is ours: tied
 embeddings under pipeline parallelism).
 
-Import it BEFORE building a model and ONLY in CPU test processes: ``install()`` refuses to run
-when CUDA is available, so a GPU run can never be silently shimmed.
+`install()` runs BEFORE a model is built, in processes without CUDA only: it refuses to run
+when CUDA is available, so a GPU run can never be silently shimmed. The trainer calls it when
+no GPU is visible; on a GPU nothing here is imported.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def install() -> None:
     if _installed:
         return
     if torch.cuda.is_available():
-        raise RuntimeError("cpu_shim must not be installed on a machine with CUDA")
+        raise RuntimeError("megarl.megatron.cpu must not be installed on a machine with CUDA")
 
     # (1) torch.cuda.current_device() used as `device=` (rotary inv_freq, router, TP buffers).
     torch.cuda.current_device = lambda: CPU
@@ -215,7 +216,9 @@ def install() -> None:
         optimizer_classes.ChainedOptimizer,
         distrib_optimizer.DistributedOptimizer,
     ):
-        for method in ("step", "step_with_ready_grads", "prepare_grads"):
+        # (12) ours: optimizer checkpoints gather state with `.cuda()` (fully reshardable format)
+        for method in ("step", "step_with_ready_grads", "prepare_grads", "sharded_state_dict",
+                       "load_state_dict"):
             if method in vars(cls):
                 setattr(cls, method, _wrap_in_cpu_mode(vars(cls)[method]))
 

@@ -1,0 +1,91 @@
+"""The parts of a run built from its config: tokenizer, prompt source, reward, rollout engine.
+
+Each part is chosen by one config field (``model.tokenizer``, ``data.train``, ``data.reward``,
+``rollout.engine``); heavy dependencies are imported only for the choice that needs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from megarl.config import Config
+from megarl.data.toy import ToySource, is_toy, toy_reward, toy_tokenizer
+from megarl.errors import UserError
+
+RewardFn = Callable[[Sequence[str], Sequence[str]], tuple[list[float], dict[str, float]]]
+
+
+def build_tokenizer(config: Config) -> Any:
+    name = config.model.tokenizer or config.model.name_or_path
+    if is_toy(name):
+        return toy_tokenizer(name)
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(name)
+    except OSError as e:
+        raise UserError(f"model.tokenizer={name!r}: cannot load a tokenizer ({e})") from None
+
+
+def build_prompt_source(config: Config, tokenizer: Any, source: str | None = None,
+                        split: str | None = None) -> Any:  # fmt: skip
+    """The training prompts (or `source`'s): ``next_batch(n)``, ``state_dict()``."""
+    source = source or config.data.train
+    if is_toy(source):
+        return ToySource(source, tokenizer, config.trainer.seed)
+    from megarl.data.prompts import PromptDataset
+
+    return PromptDataset(source, tokenizer, split=split or config.data.split,
+                         prompt_key=config.data.prompt_key, answer_key=config.data.answer_key,
+                         template=config.data.template, instruction=config.data.instruction,
+                         max_prompt_len=config.rollout.max_prompt_len,
+                         seed=config.trainer.seed, shuffle=config.data.shuffle)
+
+
+class Rewards:
+    """``data.reward``: ``exact`` (the toy tasks' leading-number match) or ``math``
+    (math-verify on the last ``\\boxed{}``, in a process pool)."""
+
+    def __init__(self, config: Config) -> None:
+        self.kind = config.data.reward
+        self._verifier = None
+        if self.kind == "math":
+            from megarl.data.rewards import MathVerifier
+
+            self._verifier = MathVerifier(workers=config.data.reward_workers)
+
+    def __call__(self, responses: Sequence[str],
+                 answers: Sequence[str]) -> tuple[list[float], dict[str, float]]:  # fmt: skip
+        if self._verifier is not None:
+            return self._verifier.score(responses, answers)
+        return [toy_reward(r, a) for r, a in zip(responses, answers, strict=True)], {}
+
+    def close(self) -> None:
+        if self._verifier is not None:
+            self._verifier.close()
+
+
+def build_engine(config: Config, hf_config: dict[str, Any], *, rank: int, world_size: int,
+                 moe_layers: tuple[bool, ...], num_experts: int) -> Any:  # fmt: skip
+    """The rollout engine, with weights that the first sync overwrites."""
+    if config.rollout.engine == "vllm":
+        from megarl.rollout.vllm import VLLMEngine, VLLMOptions, check_launch_environment
+
+        check_launch_environment()
+        if config.model.name_or_path is None:
+            raise UserError("rollout.engine='vllm' needs model.name_or_path (a checkpoint "
+                            "directory vLLM can read the architecture from)")
+        return VLLMEngine(config.model.name_or_path,
+                          VLLMOptions.from_config(config, seed=config.trainer.seed),
+                          moe_layers=moe_layers, num_experts=num_experts)
+    import torch
+    import transformers
+
+    from megarl.rollout.hf import HFEngine
+
+    hf = transformers.AutoConfig.for_model(**hf_config)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                   "float16": torch.float16}[config.model.dtype]
+    model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch_dtype)
+    return HFEngine(model)

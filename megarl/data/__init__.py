@@ -1,0 +1,1 @@
+"""Prompt datasets, chat templates, rewards and synthetic verifiable tasks."""

@@ -1,0 +1,164 @@
+"""The trained policy on megatron-core: process groups, model chunks, DDP, optimizer, replay.
+
+`Policy` is what the trainer holds of Megatron: it builds everything from the run config and an
+HF config (weights from an HF checkpoint, or megatron's own initialisation for a model built
+from scratch), turns `TrainSample`s into packed micro-batches for this data-parallel rank, and
+runs the forward-only and training passes with routing replay as configured. On a machine
+without CUDA it installs the CPU shim (`megarl.megatron.cpu`) first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+
+from megarl.config import Config, ModelFacts
+from megarl.convert.hf_io import HFCheckpoint
+from megarl.convert.mapping import Architecture
+from megarl.megatron.loss import PolicyObjective
+from megarl.megatron.model import build_model, transformer_config_from_hf, wrap_ddp
+from megarl.megatron.optimizer import build_optimizer
+from megarl.megatron.packing import PackedMicroBatch, TrainSample, make_micro_batches
+from megarl.megatron.parallel import ParallelLayout, init_process_group, initialize_parallel
+from megarl.megatron.router_replay import RouteRecorder, RouteReplayer, sample_routes
+from megarl.megatron.step import (
+    ForwardOptions,
+    StepResult,
+    attach_schedule_hooks,
+    compute_logprobs,
+    train_step,
+)
+from megarl.megatron.weights import load_hf_weights
+
+_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def start_distributed() -> None:
+    """torch.distributed from torchrun's environment (a world of one without it); the CPU shim
+    when no CUDA device is visible."""
+    if not torch.cuda.is_available():
+        from megarl.megatron import cpu
+
+        cpu.install()
+    init_process_group()
+
+
+class Policy:
+    def __init__(self, config: Config, hf_config: Mapping[str, Any],
+                 checkpoint: HFCheckpoint | None = None) -> None:  # fmt: skip
+        start_distributed()
+        self.config, self.hf_config = config, dict(hf_config)
+        facts = ModelFacts.from_hf(self.hf_config)
+        self.layout: ParallelLayout = initialize_parallel(config.parallel, facts,
+                                                          seed=config.trainer.seed)
+        self.replay_mode = config.model.replay_mode(facts)
+        resolved = config.parallel.resolve(self.layout.world_size)
+        self.tconfig = transformer_config_from_hf(
+            self.hf_config, resolved, dtype=config.model.dtype,
+            routing_replay=self.replay_mode != "off", recompute=config.model.recompute,
+            use_transformer_engine=config.model.transformer_engine)
+        self.use_te = bool(getattr(self.tconfig, "moe_grouped_gemm", False))
+        chunks = build_model(self.tconfig, self.hf_config,
+                             use_transformer_engine=config.model.transformer_engine)
+        if checkpoint is not None:
+            load_hf_weights(chunks, checkpoint)
+        self.models = wrap_ddp(chunks, self.tconfig)
+        attach_schedule_hooks(self.models)
+        self.optimizer = build_optimizer(self.models, config.trainer,
+                                         params_dtype=_DTYPES[config.model.dtype])
+        self.arch = Architecture.from_hf(self.hf_config)
+        self.topk = int(self.hf_config.get("num_experts_per_tok") or 0)
+        self.replayer = self.recorder = None
+        if self.replay_mode != "off":
+            self.replayer = RouteReplayer(self.models, self.arch.moe_layers,
+                                          self.arch.num_experts, self.topk)
+        if self.replay_mode == "r2":
+            self.recorder = RouteRecorder(self.models, self.arch.moe_layers,
+                                          self.arch.num_experts, self.topk)
+        self.options = ForwardOptions(temperature=config.rollout.temperature)
+
+    # ---- batches ------------------------------------------------------------------------------
+
+    def local_share(self, samples: list[TrainSample]) -> list[TrainSample]:
+        """This DP rank's contiguous share of a batch that every rank holds whole."""
+        dp, rank = self.layout.dp, self.layout.dp_rank
+        if len(samples) % dp:
+            raise ValueError(f"{len(samples)} samples do not split over {dp} DP ranks")
+        per_rank = len(samples) // dp
+        return samples[rank * per_rank:(rank + 1) * per_rank]
+
+    def micro_batches(self, local: list[TrainSample]) -> list[PackedMicroBatch]:
+        """`trainer.micro_batch_size` sequences per micro-batch, packed into one row each."""
+        count = max(1, math.ceil(len(local) / self.config.trainer.micro_batch_size))
+        tp = self.layout.tp if self.layout.sequence_parallel else 1
+        cp = self.layout.cp
+        return make_micro_batches(local, num_micro_batches=count, seq_multiple=2 * cp if cp > 1
+                                  else 1, row_multiple=tp * (2 * cp if cp > 1 else 1))
+
+    # ---- passes -------------------------------------------------------------------------------
+
+    def logprobs(self, samples: list[TrainSample]) -> list[TrainSample]:
+        """`samples` with ``old_logprobs`` from a forward-only pass, whole on every rank (R3
+        replays the engine's routes; R2 records Megatron's own as the samples' routes)."""
+        local = self.local_share(samples)
+        mbs = self.micro_batches(local)
+        replay = self.recorder if self.recorder is not None else self.replayer
+        rows = compute_logprobs(self.models, mbs, self.options, replay=replay)
+        recorded = self.recorder.take(mbs) if self.recorder is not None else None
+        out: list[TrainSample] = []
+        for i, (mb, row) in enumerate(zip(mbs, rows, strict=True)):
+            logp = mb.unpack(row)
+            routes = None if recorded is None else sample_routes(mb, recorded[i])
+            for k in range(len(mb.sample_lengths)):
+                s = local[len(out)]
+                n = len(s.tokens)
+                old = torch.zeros(n, dtype=torch.float32)
+                old[1:] = logp[k][: n - 1].float().cpu()  # label-aligned -> token-aligned
+                extra = {} if routes is None else {"routed_experts": routes[k]}
+                out.append(dataclasses.replace(s, old_logprobs=old, **extra))
+        if self.layout.dp == 1:
+            return out
+        parts: list[Any] = [None] * self.layout.dp
+        dist.all_gather_object(parts, out, group=ps.get_data_parallel_group())
+        return [s for part in parts for s in part]
+
+    def train(self, samples: list[TrainSample], spec: PolicyObjective, lr: float) -> StepResult:
+        """One optimizer step on a mini-batch (the same list on every rank)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return train_step(self.models, self.optimizer,
+                          self.micro_batches(self.local_share(samples)), spec, self.options,
+                          replay=self.replayer)
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def sharded_state(self, *, is_loading: bool = False) -> dict[str, Any]:
+        """Model chunks and optimizer; the optimizer state in megatron's fully reshardable
+        format (one canonical tensor per parameter, so a checkpoint loads into any DP size)."""
+        model = {f"model{i}": m.sharded_state_dict() for i, m in enumerate(self.models)}
+        optimizer = self.optimizer.sharded_state_dict(
+            model if len(self.models) > 1 else model["model0"], is_loading=is_loading,
+            metadata=_OPTIMIZER_FORMAT)
+        return {**model, "optimizer": optimizer}
+
+    def save(self, directory: Path) -> None:
+        """Model and optimizer as a megatron distributed checkpoint (collective)."""
+        if dist.get_rank() == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(self.sharded_state(), str(directory))
+
+    def load(self, directory: Path) -> None:
+        state = dist_checkpointing.load(self.sharded_state(is_loading=True), str(directory))
+        for i, model in enumerate(self.models):
+            model.load_state_dict(state[f"model{i}"])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,279 @@
+"""The RL loop (DESIGN.md), one optimizer-step cycle at a time, SPMD on every rank:
+
+prompts -> rollout -> rewards -> advantages -> old log-probs (Megatron forward, routing replay)
+-> epochs x mini-batches of policy-loss updates -> weight sync -> eval -> metrics -> checkpoint.
+
+Everything else lives where the folder names say: the parts in `megarl.assemble`, Megatron in
+`megarl.megatron.policy`, the engine in `megarl.rollout`, checkpoints in `megarl.checkpointing`.
+Every random choice of a step is seeded by ``(trainer.seed, step)``, so a resumed run repeats
+an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megarl.advantages import compute_advantages
+from megarl.assemble import Rewards, build_engine, build_prompt_source, build_tokenizer
+from megarl.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from megarl.config import Config
+from megarl.errors import UserError
+from megarl.metrics import log_to_sinks, make_sinks
+from megarl.rollout.engine import Rollout, SamplingParams
+from megarl.rollout.mismatch import logprob_mismatch
+from megarl.rollout.sync import sync_weights
+
+
+@dataclass
+class StepBatch:
+    """One step's sampled groups, scored."""
+
+    rollouts: list[Rollout] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def lr_at(config: Config, step: int) -> float:
+    """Linear warm-up, then constant or cosine decay to ``min_lr`` (step counts from 0)."""
+    t = config.trainer
+    if t.lr_warmup_steps and step < t.lr_warmup_steps:
+        return t.lr * (step + 1) / t.lr_warmup_steps
+    if t.lr_schedule == "constant":
+        return t.lr
+    span = max(1, t.steps - t.lr_warmup_steps)
+    progress = min(1.0, (step - t.lr_warmup_steps) / span)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def step_seed(seed: int, step: int, round_: int, group: int = 0) -> int:
+    return (seed * 1_000_003 + step * 7919 + round_ * 104_729 + group * 15_485_863) % 2**62
+
+
+class Trainer:
+    def __init__(self, config: Config, *, run_dir: Path | None = None,
+                 stop_after: int | None = None) -> None:  # fmt: skip
+        from megarl.megatron.policy import Policy
+
+        self.config = config
+        name = config.logging.run_name or time.strftime("%Y%m%d-%H%M%S")
+        self.run_dir = run_dir or Path(config.logging.dir) / name
+        self.ckpt_dir = Path(config.checkpoint.dir) if config.checkpoint.dir else \
+            self.run_dir / "checkpoints"
+        self.stop_after = stop_after
+        hf_config, checkpoint = _model_source(config)
+        self.policy = Policy(config, hf_config, checkpoint)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.tokenizer = build_tokenizer(config)
+        self.prompts = build_prompt_source(config, self.tokenizer)
+        self.rewards = Rewards(config)
+        self.engine = build_engine(config, hf_config, rank=self.rank, world_size=self.world,
+                                   moe_layers=self.policy.arch.moe_layers,
+                                   num_experts=self.policy.arch.num_experts)
+        self.eos = int(self.tokenizer.eos_token_id)
+        self.step = 0
+        self._resume()
+        sync_weights(self.policy.models, self.engine, hf_config,
+                     bucket_bytes=config.rollout.sync_bucket_bytes)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            config.save(self.run_dir / "config.yaml")
+        self.sinks = make_sinks(config.logging, self.run_dir, config.to_dict())
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def fit(self) -> list[dict[str, float]]:
+        """Run to ``trainer.steps``; returns every step's metrics."""
+        from megarl.megatron.loss import PolicyObjective
+
+        spec = PolicyObjective.from_algo(self.config.algo,
+                                         norm_length=self.config.rollout.max_response_len)
+        history = []
+        t = self.config.trainer
+        try:
+            while self.step < t.steps:
+                metrics = self.train_step(spec)
+                self.step += 1
+                history.append(metrics)
+                log_to_sinks(self.sinks, self.step, metrics)
+                every = self.config.checkpoint.save_every
+                if (every and self.step % every == 0) or self.step == t.steps:
+                    self.save()
+                if self.stop_after is not None and self.step >= self.stop_after:
+                    break
+        finally:
+            for sink in self.sinks:
+                sink.close()
+            self.rewards.close()
+        return history
+
+    def train_step(self, spec: Any) -> dict[str, float]:
+        cfg, timings = self.config, {}
+        start = time.perf_counter()
+        batch = self.sample()
+        timings["time/rollout"] = time.perf_counter() - start
+        samples, adv_metrics = self.samples_of(batch)
+        self.engine.sleep()
+        t0 = time.perf_counter()
+        metrics = dict(batch.metrics) | adv_metrics
+        if cfg.algo.old_logprobs == "recompute":
+            samples = self.policy.logprobs(samples)
+            metrics |= self._mismatch(batch.rollouts, samples)
+            if self.policy.replayer is not None:
+                metrics |= self.policy.replayer.last_metrics
+        timings["time/old_logprobs"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        lr = lr_at(cfg, self.step)
+        results = []
+        size = cfg.trainer.mini_batch_size
+        for epoch in range(cfg.trainer.epochs):
+            order = samples
+            if epoch > 0:
+                g = torch.Generator().manual_seed(step_seed(cfg.trainer.seed, self.step, epoch))
+                order = [samples[i] for i in torch.randperm(len(samples), generator=g)]
+            for start_mb in range(0, len(order), size):
+                results.append(self.policy.train(order[start_mb:start_mb + size], spec, lr))
+        timings["time/train"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sync = sync_weights(self.policy.models, self.engine, self.policy.hf_config,
+                            bucket_bytes=cfg.rollout.sync_bucket_bytes)
+        timings["time/sync"] = time.perf_counter() - t0
+        for r in results:  # the mean over the step's updates
+            for k, v in r.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + v / len(results)
+        metrics["train/lr"] = lr
+        timings["time/step"] = time.perf_counter() - start
+        return metrics | sync | timings
+
+    # ---- phases -------------------------------------------------------------------------------
+
+    def sample(self) -> StepBatch:
+        """``prompts_per_step`` groups of ``n_samples`` responses, scored; with dynamic sampling,
+        groups whose rewards are all equal are dropped and more are drawn (at most
+        ``max_sampling_rounds`` rounds; the batch is then topped up with dropped groups)."""
+        cfg, n = self.config, self.config.rollout.n_samples
+        want = cfg.trainer.prompts_per_step
+        kept: list[tuple[list[Rollout], list[float]]] = []
+        dropped: list[tuple[list[Rollout], list[float]]] = []
+        metrics: dict[str, float] = {}
+        rounds = cfg.algo.max_sampling_rounds if cfg.algo.dynamic_sampling else 1
+        for round_ in range(rounds):
+            prompts = self.prompts.next_batch(want)
+            rollouts = self._generate([p.prompt_ids for p in prompts for _ in range(n)], round_)
+            texts = [self.tokenizer.decode(r.response_ids.tolist()) for r in rollouts]
+            answers = [p.answer for p in prompts for _ in range(n)]
+            rewards, reward_metrics = self.rewards(texts, answers)
+            metrics |= reward_metrics
+            for g in range(len(prompts)):
+                group = (rollouts[g * n:(g + 1) * n], rewards[g * n:(g + 1) * n])
+                informative = max(group[1]) > min(group[1])
+                (kept if informative or not cfg.algo.dynamic_sampling else dropped).append(group)
+            if len(kept) >= want:
+                break
+        metrics["sampling/rounds"] = float(round_ + 1)
+        groups = (kept + dropped)[:want]
+        batch = StepBatch(metrics=metrics)
+        for rollouts, rewards in groups:
+            batch.rollouts += rollouts
+            batch.rewards += rewards
+        lengths = torch.tensor([len(r.response_ids) for r in batch.rollouts], dtype=torch.float)
+        rewards_t = torch.tensor(batch.rewards)
+        batch.metrics |= {
+            "reward/mean": float(rewards_t.mean()),
+            "reward/informative_groups": float(sum(max(r) > min(r) for _, r in groups)),
+            "response/length_mean": float(lengths.mean()),
+            "response/length_max": float(lengths.max()),
+            "response/truncated_frac": float(sum(r.finish_reason == "length"
+                                                 for r in batch.rollouts) / len(batch.rollouts)),
+        }
+        return batch
+
+    def _generate(self, prompts: Sequence[Sequence[int]], round_: int) -> list[Rollout]:
+        """Every rank samples its engine group's share; the whole batch ends on every rank."""
+        cfg = self.config
+        tp = cfg.rollout.tp
+        group, groups = self.rank // tp, self.world // tp
+        share = math.ceil(len(prompts) / groups)
+        mine = list(prompts[group * share:(group + 1) * share])
+        sampling = SamplingParams(
+            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+            top_k=cfg.rollout.top_k, max_tokens=cfg.rollout.max_response_len,
+            stop_token_ids=(self.eos,), seed=step_seed(cfg.trainer.seed, self.step, round_, group))
+        self.engine.wake_up()
+        out = self.engine.generate(mine, sampling).rollouts if mine else []
+        if groups == 1:
+            return out
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, out)
+        return [r for rank, part in enumerate(parts) if rank % tp == 0 for r in part]
+
+    def samples_of(self, batch: StepBatch) -> tuple[list[Any], dict[str, float]]:
+        from megarl.megatron.packing import TrainSample
+        from megarl.megatron.router_replay import align_routes
+
+        cfg = self.config
+        rewards = torch.tensor(batch.rewards, dtype=torch.float32)
+        advantages = compute_advantages(cfg.algo.advantage, rewards,
+                                        group_size=cfg.rollout.n_samples)
+        samples = []
+        for r, a in zip(batch.rollouts, advantages, strict=True):
+            tokens = r.token_ids
+            n, p = len(tokens), len(r.prompt_ids)
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[p:] = True
+            old = torch.zeros(n, dtype=torch.float32)
+            old[p:] = r.logprobs
+            routes = None
+            if self.policy.replay_mode == "r3" and r.routed_experts is not None:
+                routes = align_routes(r.routed_experts, n, self.policy.topk)
+            samples.append(TrainSample(tokens=tokens, loss_mask=mask, advantages=a.clone(),
+                                       old_logprobs=old, routed_experts=routes))
+        return samples, {"advantage/abs_mean": float(advantages.abs().mean())}
+
+    def _mismatch(self, rollouts: list[Rollout], samples: list[Any]) -> dict[str, float]:
+        train = torch.cat([s.old_logprobs[len(r.prompt_ids):] for r, s in
+                           zip(rollouts, samples, strict=True)])
+        engine = torch.cat([r.logprobs for r in rollouts])
+        return logprob_mismatch(train, engine, torch.ones_like(train, dtype=torch.bool))
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step, "data": self.prompts.state_dict()}
+
+    def save(self) -> None:
+        save_checkpoint(self.ckpt_dir, self.step, self.policy, self.state(),
+                        self.config.checkpoint.keep_last)
+
+    def _resume(self) -> None:
+        resume = self.config.checkpoint.resume
+        if resume == "never":
+            return
+        path = latest_checkpoint(self.ckpt_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            return
+        state = load_checkpoint(path, self.policy)
+        self.step = int(state["step"])
+        self.prompts.load_state_dict(state["data"])
+
+
+def _model_source(config: Config) -> tuple[dict[str, Any], Any]:
+    """The HF config and the checkpoint to load (None: a model built from scratch)."""
+    if config.model.name_or_path is None:
+        return dict(config.model.hf_config), None
+    from megarl.convert.hf_io import HFCheckpoint
+
+    path = Path(config.model.name_or_path).expanduser()
+    if not path.is_dir():
+        raise UserError(f"model.name_or_path={config.model.name_or_path!r}: not a local "
+                        "checkpoint directory (download it first: huggingface-cli download)")
+    checkpoint = HFCheckpoint(path)
+    hf_config = dict(checkpoint.config) | dict(config.model.hf_config)
+    return hf_config, (None if config.model.random_init else checkpoint)
