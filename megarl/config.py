@@ -433,7 +433,9 @@ class CheckpointConfig:
     dir: str | None = None
     save_every: int = 0  # 0 = only at the end
     keep_last: int | None = None
-    resume: str = "auto"  # "auto" = the newest complete checkpoint in dir, "never", or a path
+    # "auto" = the newest complete checkpoint in dir, "never", or a path. Default "never" until
+    # loading the optimizer state works without TE/Apex (megatron-core 0.19 non-fused Adam path)
+    resume: str = "never"
     save_hf: bool = False  # also export HF safetensors at the end
 
     def check(self) -> None:

@@ -144,7 +144,7 @@ class Policy:
     def sharded_state(self, *, is_loading: bool = False) -> dict[str, Any]:
         """Model chunks and optimizer; the optimizer state in megatron's fully reshardable
         format (one canonical tensor per parameter, so a checkpoint loads into any DP size)."""
-        model = {f"model{i}": m.sharded_state_dict() for i, m in enumerate(self.models)}
+        model = {f"model{i}": m.module.sharded_state_dict() for i, m in enumerate(self.models)}
         optimizer = self.optimizer.sharded_state_dict(
             model if len(self.models) > 1 else model["model0"], is_loading=is_loading,
             metadata=_OPTIMIZER_FORMAT)
@@ -158,7 +158,12 @@ class Policy:
         dist_checkpointing.save(self.sharded_state(), str(directory))
 
     def load(self, directory: Path) -> None:
+        # a fresh Adam has no state to load into: create it (a zero-gradient step, overwritten
+        # by the checkpoint below), as megatron's own loader does for megatron-fsdp
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if not opt.optimizer.state:
+                opt._init_optimizer_states_with_dummy_values()
         state = dist_checkpointing.load(self.sharded_state(is_loading=True), str(directory))
         for i, model in enumerate(self.models):
-            model.load_state_dict(state[f"model{i}"])
+            model.module.load_state_dict(state[f"model{i}"])
         self.optimizer.load_state_dict(state["optimizer"])
