@@ -85,7 +85,6 @@ def build_engine(config: Config, hf_config: dict[str, Any], *, rank: int, world_
     from megarl.rollout.hf import HFEngine
 
     hf = transformers.AutoConfig.for_model(**hf_config)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                   "float16": torch.float16}[config.model.dtype]
-    model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch_dtype)
+    model = transformers.AutoModelForCausalLM.from_config(hf, dtype=getattr(torch,
+                                                                           config.model.dtype))
     return HFEngine(model)

@@ -58,8 +58,7 @@ def step_seed(seed: int, step: int, round_: int, group: int = 0) -> int:
 
 
 class Trainer:
-    def __init__(self, config: Config, *, run_dir: Path | None = None,
-                 stop_after: int | None = None) -> None:  # fmt: skip
+    def __init__(self, config: Config, *, run_dir: Path | None = None) -> None:
         from megarl.megatron.policy import Policy
 
         self.config = config
@@ -67,7 +66,6 @@ class Trainer:
         self.run_dir = run_dir or Path(config.logging.dir) / name
         self.ckpt_dir = Path(config.checkpoint.dir) if config.checkpoint.dir else \
             self.run_dir / "checkpoints"
-        self.stop_after = stop_after
         hf_config, checkpoint = _model_source(config)
         self.policy = Policy(config, hf_config, checkpoint)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -106,8 +104,6 @@ class Trainer:
                 every = self.config.checkpoint.save_every
                 if (every and self.step % every == 0) or self.step == t.steps:
                     self.save()
-                if self.stop_after is not None and self.step >= self.stop_after:
-                    break
         finally:
             for sink in self.sinks:
                 sink.close()

@@ -39,7 +39,6 @@ from megarl.megatron.step import (
 from megarl.megatron.weights import load_hf_weights
 
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def start_distributed() -> None:
@@ -66,7 +65,6 @@ class Policy:
             self.hf_config, resolved, dtype=config.model.dtype,
             routing_replay=self.replay_mode != "off", recompute=config.model.recompute,
             use_transformer_engine=config.model.transformer_engine)
-        self.use_te = bool(getattr(self.tconfig, "moe_grouped_gemm", False))
         chunks = build_model(self.tconfig, self.hf_config,
                              use_transformer_engine=config.model.transformer_engine)
         if checkpoint is not None:
@@ -74,7 +72,7 @@ class Policy:
         self.models = wrap_ddp(chunks, self.tconfig)
         attach_schedule_hooks(self.models)
         self.optimizer = build_optimizer(self.models, config.trainer,
-                                         params_dtype=_DTYPES[config.model.dtype])
+                                         params_dtype=self.tconfig.params_dtype)
         self.arch = Architecture.from_hf(self.hf_config)
         self.topk = int(self.hf_config.get("num_experts_per_tok") or 0)
         self.replayer = self.recorder = None
@@ -100,9 +98,9 @@ class Policy:
         """`trainer.micro_batch_size` sequences per micro-batch, packed into one row each."""
         count = max(1, math.ceil(len(local) / self.config.trainer.micro_batch_size))
         tp = self.layout.tp if self.layout.sequence_parallel else 1
-        cp = self.layout.cp
-        return make_micro_batches(local, num_micro_batches=count, seq_multiple=2 * cp if cp > 1
-                                  else 1, row_multiple=tp * (2 * cp if cp > 1 else 1))
+        zigzag = 2 * self.layout.cp if self.layout.cp > 1 else 1  # CP halves every sequence
+        return make_micro_batches(local, num_micro_batches=count, seq_multiple=zigzag,
+                                  row_multiple=tp * zigzag)
 
     # ---- passes -------------------------------------------------------------------------------
 
