@@ -131,6 +131,13 @@ def _own_routes(engine: HFEngine, samples: list[TrainSample]) -> list[torch.Tens
     return out
 
 
+def _own_megatron_routes(models, mbs, recorder) -> list[torch.Tensor]:
+    """Megatron's own routes (recorded, not replayed) of every sample, token-aligned."""
+    compute_logprobs(models, mbs, ForwardOptions(chunk_size=16), replay=recorder)
+    return [r for mb, row in zip(mbs, recorder.take(mbs), strict=True)
+            for r in sample_routes(mb, row)]
+
+
 def _route_set_mismatches(a: list[torch.Tensor], b: list[torch.Tensor]) -> int:
     """(token, layer) rows whose expert SETS differ."""
     return sum(int((x.long().sort(-1).values != y.long().sort(-1).values).any(-1).sum())
@@ -294,6 +301,19 @@ def run_case(layout: str, root: Path) -> dict[str, float]:
     dp = ps.get_data_parallel_world_size()  # every DP rank replays the whole batch here
     errs["routes_counted_minus_true"] = abs(replayer.last_metrics["router/replayed_routes"]
                                             - total * dp)
+    # R3 with the weights the sync put into the engine: fresh rollouts, replayed in Megatron
+    synced = engine.generate(PROMPTS, SamplingParams(temperature=TEMPERATURE, max_tokens=7,
+                                                     seed=321, ignore_eos=True))
+    synced_samples = _samples(synced)
+    synced_mbs = make_micro_batches(synced_samples, num_micro_batches=2, seq_multiple=3,
+                                    row_multiple=tp)
+    got = _response_logprobs(compute_logprobs(models, synced_mbs, options, replay=replayer),
+                             synced_mbs, synced_samples)
+    errs["synced_logp"] = max(float((a - r.logprobs).abs().max())
+                              for a, r in zip(got, synced.rollouts, strict=True))
+    errs["synced_own_vs_engine"] = float(_route_set_mismatches(
+        [r[:-1] for r in _own_megatron_routes(models, synced_mbs, recorder)],
+        [s.routed_experts[:-1] for s in synced_samples]))
     destroy_parallel()
     dist.barrier()
     return errs
@@ -310,4 +330,5 @@ def passes(errs: dict[str, Any]) -> bool:
             and errs["sync_wake_order_wrong"] == 0.0
             and errs["r2_vs_engine"] == 0.0 and errs["r2_logp"] <= TOL
             and errs["r2_vs_own_perturbed"] == 0.0 and errs["r2_replay_disagreement"] == 0.0
-            and errs["r2_replay_logp"] <= 1e-6)
+            and errs["r2_replay_logp"] <= 1e-6
+            and errs["synced_logp"] <= TOL and errs["synced_own_vs_engine"] == 0.0)
