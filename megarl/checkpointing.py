@@ -77,6 +77,7 @@ def save_checkpoint(root: Path, step: int, policy: Any, trainer_state: dict[str,
         tmp.mkdir()
     _barrier()
     policy.save(tmp / "policy")
+    _barrier()  # every rank's shards are written before the marker
     if _rank() == 0:
         torch.save({**trainer_state, "rng": rng_state()}, tmp / "trainer_state.pt")
         (tmp / COMPLETE).write_text(f"{step}\n")

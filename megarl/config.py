@@ -433,9 +433,9 @@ class CheckpointConfig:
     dir: str | None = None
     save_every: int = 0  # 0 = only at the end
     keep_last: int | None = None
-    # "auto" = the newest complete checkpoint in dir, "never", or a path. Default "never" until
-    # loading the optimizer state works without TE/Apex (megatron-core 0.19 non-fused Adam path)
-    resume: str = "never"
+    # "auto" = the newest complete checkpoint in dir (a fresh start when there is none), "never",
+    # or the path of one step_* checkpoint
+    resume: str = "auto"
     save_hf: bool = False  # also export HF safetensors at the end
 
     def check(self) -> None:

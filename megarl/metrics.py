@@ -182,11 +182,17 @@ class ConsoleSink:
 
 
 class JsonlSink:
-    """Appends ``{"step": .., "time": .., <metrics>}`` per step; non-finite values become null."""
+    """Appends ``{"step": .., "time": .., <metrics>}`` per step; non-finite values become null.
 
-    def __init__(self, path: str | Path) -> None:
+    ``resume_step`` drops the records after that step first (a resumed run repeats the steps
+    after its checkpoint, so the file holds every step once).
+    """
+
+    def __init__(self, path: str | Path, resume_step: int | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            _keep_records_through(self.path, resume_step)
         self._file = self.path.open("a", encoding="utf-8")
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -201,13 +207,31 @@ class JsonlSink:
         self._file.close()
 
 
-class TensorBoardSink:
-    """Scalars to a TensorBoard event file in ``log_dir``."""
+def _keep_records_through(path: Path, step: int) -> None:
+    """Rewrite a jsonl metrics file (atomically) without the records after ``step``; a torn
+    last line from a killed run is dropped too."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if int(record.get("step", 0)) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
 
-    def __init__(self, log_dir: str | Path) -> None:
+
+class TensorBoardSink:
+    """Scalars to a TensorBoard event file in ``log_dir``; ``resume_step`` purges the events
+    after it."""
+
+    def __init__(self, log_dir: str | Path, resume_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        purge = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         for name, value in metrics.items():
@@ -252,10 +276,12 @@ def make_sinks(
     run_dir: str | Path,
     config_dict: Mapping[str, Any] | None = None,
     rank: int | None = None,
+    resume_step: int | None = None,
 ) -> list[MetricSink]:
     """The sinks named in ``logging_config.sinks``, writing under ``run_dir`` (rank 0 only).
 
-    jsonl -> ``run_dir/metrics.jsonl``, tensorboard -> ``run_dir/tensorboard/``.
+    jsonl -> ``run_dir/metrics.jsonl``, tensorboard -> ``run_dir/tensorboard/``. A run resumed
+    from step ``resume_step`` first drops what those sinks logged after it.
     """
     if rank is None:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -267,9 +293,9 @@ def make_sinks(
         if name == "console":
             sinks.append(ConsoleSink())
         elif name == "jsonl":
-            sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
+            sinks.append(JsonlSink(run_dir / "metrics.jsonl", resume_step))
         elif name == "tensorboard":
-            sinks.append(TensorBoardSink(run_dir / "tensorboard"))
+            sinks.append(TensorBoardSink(run_dir / "tensorboard", resume_step))
         elif name == "wandb":
             sinks.append(WandbSink(logging_config.wandb_project, run_dir,
                                    name=logging_config.run_name,

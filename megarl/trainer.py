@@ -77,13 +77,14 @@ class Trainer:
                                    num_experts=self.policy.arch.num_experts)
         self.eos = int(self.tokenizer.eos_token_id)
         self.step = 0
-        self._resume()
+        self.resumed_from = self._resume()
         sync_weights(self.policy.models, self.engine, hf_config,
                      bucket_bytes=config.rollout.sync_bucket_bytes)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.run_dir / "config.yaml")
-        self.sinks = make_sinks(config.logging, self.run_dir, config.to_dict())
+        self.sinks = make_sinks(config.logging, self.run_dir, config.to_dict(),
+                                resume_step=self.step if self.resumed_from else None)
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -248,16 +249,21 @@ class Trainer:
         save_checkpoint(self.ckpt_dir, self.step, self.policy, self.state(),
                         self.config.checkpoint.keep_last)
 
-    def _resume(self) -> None:
+    def _resume(self) -> Path | None:
+        """Continue from ``checkpoint.resume``: 'auto' is the newest complete checkpoint of this
+        run (none: a fresh start), a path is that checkpoint, 'never' starts afresh."""
         resume = self.config.checkpoint.resume
         if resume == "never":
-            return
+            return None
         path = latest_checkpoint(self.ckpt_dir) if resume == "auto" else Path(resume)
         if path is None:
-            return
+            return None
         state = load_checkpoint(path, self.policy)
         self.step = int(state["step"])
         self.prompts.load_state_dict(state["data"])
+        if self.rank == 0:
+            print(f"resuming from {path} (step {self.step})", flush=True)
+        return path
 
 
 def _model_source(config: Config) -> tuple[dict[str, Any], Any]:

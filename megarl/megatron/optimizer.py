@@ -39,4 +39,39 @@ def build_optimizer(
         use_distributed_optimizer=distributed,
     )
     # module attribute on purpose: CPU runs wrap it (megarl/megatron/cpu.py)
-    return mcore_optimizer.get_megatron_optimizer(config, models)
+    optimizer = mcore_optimizer.get_megatron_optimizer(config, models)
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        _tolerate_torch_adam_step(inner)
+    return optimizer
+
+
+def _tolerate_torch_adam_step(optimizer: Any) -> None:
+    """Let a fully reshardable checkpoint load into torch's own Adam, exactly.
+
+    Without TE or Apex megatron falls back to ``torch.optim.Adam``, which keeps a per-parameter
+    ``step`` tensor. megatron-core 0.19 saves that step in the param groups and, on load, has two
+    faults we work around here:
+
+    - its per-parameter copy looks ``step`` up among the loaded tensors and fails with
+      ``KeyError: 'step'``; marking it absent (``None`` is skipped by that copy) keeps the step
+      restored from the param groups;
+    - it restores one step tensor shared by every parameter, which torch's Adam then increments
+      once per parameter per step (wrong bias correction from the first step after a resume);
+      each parameter gets its own copy after the load.
+    """
+    set_states = getattr(optimizer, "_set_main_param_and_optimizer_states", None)
+    if set_states is None:
+        return
+    load_state_dict = optimizer.load_state_dict
+
+    def set_states_keeping_step(model_param: Any, tensors: dict[str, Any]) -> None:
+        set_states(model_param, {"step": None, **tensors})
+
+    def load_state_dict_with_own_steps(state_dict: Any) -> None:
+        load_state_dict(state_dict)
+        for state in optimizer.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+    optimizer._set_main_param_and_optimizer_states = set_states_keeping_step
+    optimizer.load_state_dict = load_state_dict_with_own_steps

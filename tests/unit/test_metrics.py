@@ -133,6 +133,22 @@ def test_jsonl_sink_appends_one_object_per_step(tmp_path: Path) -> None:
     assert all(isinstance(r["time"], float) for r in records)
 
 
+def test_jsonl_sink_resumed_drops_steps_after_the_checkpoint_and_a_torn_line(
+        tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    sink = JsonlSink(path)
+    for step in range(1, 6):
+        sink.log(step, {"loss": float(step)})
+    sink.close()
+    with path.open("a") as f:
+        f.write('{"step": 6, "lo')  # killed mid-write
+    resumed = JsonlSink(path, resume_step=3)
+    resumed.log(4, {"loss": 40.0})
+    resumed.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
 def test_tensorboard_sink_writes_a_readable_event_file(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
