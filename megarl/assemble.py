@@ -7,10 +7,11 @@ Each part is chosen by one config field (``model.tokenizer``, ``data.train``, ``
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from megarl.config import Config
-from megarl.data.toy import ToySource, is_toy, toy_reward, toy_tokenizer
+from megarl.data.toy import ToySource, is_toy, leading_answer, toy_reward, toy_tokenizer
 from megarl.errors import UserError
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], tuple[list[float], dict[str, float]]]
@@ -29,7 +30,8 @@ def build_tokenizer(config: Config) -> Any:
 
 
 def build_prompt_source(config: Config, tokenizer: Any, source: str | None = None,
-                        split: str | None = None) -> Any:  # fmt: skip
+                        split: str | None = None, *, shuffle: bool | None = None,
+                        field: str = "data.train") -> Any:  # fmt: skip
     """The training prompts (or `source`'s): ``next_batch(n)``, ``state_dict()``."""
     source = source or config.data.train
     if is_toy(source):
@@ -40,7 +42,9 @@ def build_prompt_source(config: Config, tokenizer: Any, source: str | None = Non
                          prompt_key=config.data.prompt_key, answer_key=config.data.answer_key,
                          template=config.data.template, instruction=config.data.instruction,
                          max_prompt_len=config.rollout.max_prompt_len,
-                         seed=config.trainer.seed, shuffle=config.data.shuffle)
+                         seed=config.trainer.seed,
+                         shuffle=config.data.shuffle if shuffle is None else shuffle,
+                         field=field)
 
 
 class Rewards:
@@ -60,6 +64,16 @@ class Rewards:
         if self._verifier is not None:
             return self._verifier.score(responses, answers)
         return [toy_reward(r, a) for r, a in zip(responses, answers, strict=True)], {}
+
+    def answer_of(self, response: str) -> str | None:
+        """The answer a response commits to (for majority voting): the toy tasks' leading
+        number, or the content of the last ``\\boxed{}``; None when there is none."""
+        if self._verifier is not None:
+            from megarl.data.answers import extract_boxed
+
+            boxed = extract_boxed(response)
+            return None if boxed is None else " ".join(boxed.split())
+        return leading_answer(response)
 
     def close(self) -> None:
         if self._verifier is not None:
@@ -88,3 +102,18 @@ def build_engine(config: Config, hf_config: dict[str, Any], *, rank: int, world_
     model = transformers.AutoModelForCausalLM.from_config(hf, dtype=getattr(torch,
                                                                            config.model.dtype))
     return HFEngine(model)
+
+
+def model_source(config: Config) -> tuple[dict[str, Any], Any]:
+    """The HF config and the checkpoint to load (None: a model built from scratch)."""
+    if config.model.name_or_path is None:
+        return dict(config.model.hf_config), None
+    from megarl.convert.hf_io import HFCheckpoint
+
+    path = Path(config.model.name_or_path).expanduser()
+    if not path.is_dir():
+        raise UserError(f"model.name_or_path={config.model.name_or_path!r}: not a local "
+                        "checkpoint directory (download it first: huggingface-cli download)")
+    checkpoint = HFCheckpoint(path)
+    hf_config = dict(checkpoint.config) | dict(config.model.hf_config)
+    return hf_config, (None if config.model.random_init else checkpoint)

@@ -1,7 +1,7 @@
-"""The ``megarl`` command: ``train | eval | convert | plan``.
+"""The ``megarl`` command: ``plan | train | eval | report | convert``.
 
 Exit status: 0 success, 2 a user error (bad config, missing file: one ``error:`` line on
-stderr, no traceback), 3 a subcommand that is not implemented yet.
+stderr, no traceback).
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from megarl import __version__
 from megarl.convert.cli import DIRECTIONS, add_arguments
@@ -16,7 +18,6 @@ from megarl.convert.cli import run as run_conversion
 from megarl.errors import UserError
 
 EXIT_USER_ERROR = 2
-EXIT_NOT_IMPLEMENTED = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,11 +32,22 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("plan", "validate a config and print the run it describes"),
         ("train", "run RL training"),
-        ("eval", "evaluate a policy: avg@k, maj@k, pass@k (not implemented yet)"),
+        ("eval", "evaluate a policy on data.eval: avg@k, maj@k, pass@k tables"),
     ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
+        if name == "eval":
+            p.add_argument("--checkpoint", metavar="PATH",
+                           help="a run directory, one of its checkpoints/step_*, or an HF "
+                           "checkpoint directory (default: model.name_or_path)")
+            p.add_argument("--json", metavar="FILE", help="also write the tables as JSON")
+            p.add_argument("--samples", metavar="FILE",
+                           help="also write every problem's answers and grades as JSON lines")
+    report = sub.add_parser("report", help="plot a run's curves as PNGs",
+                            description="plot a run's curves (reward, accuracy, entropy, KL, "
+                            "grad norm, regions, clipping) as PNGs under RUN_DIR/report/")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with metrics.jsonl")
     convert = sub.add_parser(
         "convert",
         help="convert checkpoints HF <-> megatron distributed (streaming, CPU)",
@@ -61,6 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "convert":
         return run_conversion(args.direction, args)
+    if args.command == "report":
+        from megarl.report import write_report
+
+        for path in write_report(args.run_dir):
+            print(path)
+        return 0
     from megarl.config import load_config
 
     config = load_config(args.config, args.overrides)
@@ -74,16 +92,35 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         Trainer(config).fit()
         return 0
-    return _not_implemented("eval", "sampling-based evaluation (megarl.evaluate)")
+    return _evaluate(config, args.checkpoint, args.json, args.samples)
 
 
-def _not_implemented(command: str, feature: str) -> int:
-    print(
-        f"megarl {command}: not implemented yet - {feature} lands in a later issue; "
-        "`megarl plan CONFIG` validates a config today.",
-        file=sys.stderr,
-    )
-    return EXIT_NOT_IMPLEMENTED
+def _evaluate(config: Any, checkpoint: str | None, json_path: str | None,
+              samples_path: str | None) -> int:  # fmt: skip
+    import dataclasses
+    import json
+
+    import torch.distributed as dist
+
+    from megarl.eval_metrics import FAMILIES, format_table, summarise
+    from megarl.evaluate import evaluate_checkpoint
+
+    results = evaluate_checkpoint(config, checkpoint)
+    summary = summarise(results, config.eval.reported_ks())
+    if dist.get_rank() == 0:
+        from rich.console import Console
+
+        console = Console()
+        console.print(f"{checkpoint or config.model.name_or_path or 'model'}: "
+                      f"{config.eval.k} samples per problem (%)")
+        for family in FAMILIES:
+            console.print(format_table(summary, title=f"{family}@k", family=family))
+        if json_path:
+            Path(json_path).write_text(json.dumps(summary, indent=2) + "\n")
+        if samples_path:
+            Path(samples_path).write_text("".join(json.dumps(dataclasses.asdict(r)) + "\n"
+                                                  for r in results))
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

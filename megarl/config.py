@@ -33,7 +33,7 @@ import yaml
 from megarl.errors import ConfigError, UserError
 
 Dtype = Literal["float32", "bfloat16", "float16"]
-Sink = Literal["console", "jsonl", "tensorboard", "wandb"]
+Sink = Literal["console", "progress", "jsonl", "tensorboard", "wandb"]
 # Routing replay: R3 replays the rollout engine's routes, R2 Megatron's own (recorded in the
 # old-log-prob pass); YAML's bare `off` / `on` parse as booleans and mean "off" / "r3".
 ReplayMode = Literal["r3", "r2", "off"]
@@ -427,6 +427,38 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Sampling-based evaluation of ``data.eval`` (``megarl eval``; in training every
+    ``trainer.eval_every`` steps): ``k`` samples per problem, avg@k / maj@k / pass@k (unbiased).
+
+    ``temperature``, ``top_p`` and ``max_response_len`` default to the rollout's.
+    """
+
+    k: int = 16
+    ks: list[int] | None = None  # the k's reported; None = 1, 2, 4, ... up to k, and k
+    temperature: float | None = None
+    top_p: float | None = None
+    max_response_len: int | None = None
+    max_problems: int | None = None  # the first N problems of each benchmark; toy tasks: 64
+
+    def check(self) -> None:
+        _positive("eval.k", self.k)
+        _positive("eval.max_problems", self.max_problems, allow_none=True)
+        _positive("eval.max_response_len", self.max_response_len, allow_none=True)
+        if self.ks is not None and (not self.ks or any(not 1 <= k <= self.k for k in self.ks)):
+            raise ConfigError("eval.ks", self.ks, f"give k's in [1, eval.k={self.k}]")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ConfigError("eval.temperature", self.temperature, "must be > 0")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError("eval.top_p", self.top_p, "must be in (0, 1]")
+
+    def reported_ks(self) -> list[int]:
+        if self.ks is not None:
+            return sorted(set(self.ks))
+        return sorted({2**i for i in range(self.k.bit_length()) if 2**i <= self.k} | {self.k})
+
+
+@dataclass
 class CheckpointConfig:
     """Distributed checkpoints. ``dir`` defaults to ``<run dir>/checkpoints``."""
 
@@ -471,6 +503,7 @@ class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -512,6 +545,10 @@ class Config:
         if replay == "r2" and self.algo.old_logprobs != "recompute":
             raise ConfigError("model.routing_replay", "r2", "records routes in the old-log-prob "
                               "pass: needs algo.old_logprobs=recompute (or use r3)")
+        if self.trainer.eval_every and not self.data.eval:
+            raise ConfigError("trainer.eval_every", self.trainer.eval_every,
+                              "evaluates data.eval, which is empty: name benchmarks in data.eval "
+                              "or set trainer.eval_every=0")
         length = self.rollout.max_prompt_len + self.rollout.max_response_len
         if facts.max_position_embeddings and length > facts.max_position_embeddings:
             raise ConfigError(

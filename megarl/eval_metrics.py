@@ -171,22 +171,32 @@ def _mean(values: Iterable[float]) -> float:
     return math.fsum(values) / len(values)
 
 
-def _cells(summary: dict[str, dict[str, float]]) -> tuple[list[str], list[list[str]]]:
-    """Header and string rows: metrics as percentages with one decimal, as papers print them."""
+FAMILIES = ("avg", "pass", "maj")
+
+
+def _cells(summary: dict[str, dict[str, float]],
+           family: str | None = None) -> tuple[list[str], list[list[str]]]:  # fmt: skip
+    """Header and string rows: metrics as percentages with one decimal, as papers print them;
+    ``family`` ("avg", "pass" or "maj") keeps that metric's columns only."""
     if not summary:
         raise UserError("empty evaluation summary: summarise some results first")
-    names = [n for n in next(iter(summary.values())) if n != PROBLEMS]
+    if family is not None and family not in FAMILIES:
+        raise UserError(f"metric family {family!r}: choose one of {', '.join(FAMILIES)}")
+    names = [n for n in next(iter(summary.values()))
+             if n != PROBLEMS and (family is None or n.startswith(f"{family}@"))]
     header = ["benchmark", PROBLEMS, *names]
     rows = [[bench, str(int(row.get(PROBLEMS, 0))), *(f"{100 * row[n]:.1f}" for n in names)]
             for bench, row in summary.items()]
     return header, rows
 
 
-def format_table(summary: dict[str, dict[str, float]], title: str | None = None) -> Table:
-    """A rich table of a `summarise` result (percentages); the mean row is set off in bold."""
+def format_table(summary: dict[str, dict[str, float]], title: str | None = None,
+                 family: str | None = None) -> Table:  # fmt: skip
+    """A rich table of a `summarise` result (percentages; ``family`` picks one metric's
+    columns); the mean row is set off in bold."""
     from rich.table import Table
 
-    header, rows = _cells(summary)
+    header, rows = _cells(summary, family)
     table = Table(title=title)
     table.add_column(header[0])
     for name in header[1:]:
@@ -200,9 +210,9 @@ def format_table(summary: dict[str, dict[str, float]], title: str | None = None)
     return table
 
 
-def format_text(summary: dict[str, dict[str, float]]) -> str:
+def format_text(summary: dict[str, dict[str, float]], family: str | None = None) -> str:
     """The same table as plain, space-aligned text (for logs and markdown code blocks)."""
-    header, rows = _cells(summary)
+    header, rows = _cells(summary, family)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     out = io.StringIO()
     for j, row in enumerate([header, *rows]):

@@ -24,8 +24,8 @@ minima). Ranks may report different metric names: the names are first unioned wi
 ``all_gather_object`` (pass ``same_names=True`` to skip it when every rank is known to report
 the same names).
 
-Sinks (console, jsonl, tensorboard, wandb) are written by rank 0 only; ``make_sinks`` returns
-no sinks on other ranks.
+Sinks (console, progress, jsonl, tensorboard, wandb) are written by rank 0 only;
+``make_sinks`` returns no sinks on other ranks.
 """
 
 from __future__ import annotations
@@ -181,6 +181,40 @@ class ConsoleSink:
         pass
 
 
+class ProgressSink:
+    """A rich progress bar over the run's steps, with the headline metrics beside it (for
+    interactive runs such as the quickstart; ``console`` prints every metric instead)."""
+
+    KEYS = (("reward/mean", "reward"), ("response/length_mean", "len"),
+            ("entropy/mean", "entropy"), ("time/step", "s/step"))
+
+    def __init__(self, total: int, start: int = 0, console: Any = None) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn(), TextColumn("{task.fields[summary]}"), console=console)
+        self.task = self.progress.add_task("train", total=total, completed=start, summary="")
+        self.progress.start()
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        summary = "  ".join(f"{label} {_fmt(metrics[name])}" for name, label in self.KEYS
+                            if name in metrics)
+        evals = [f"{name.removeprefix('eval/')} {_fmt(v)}" for name, v in metrics.items()
+                 if name.startswith("eval/mean/avg@")]
+        self.progress.update(self.task, completed=step, summary="  ".join([summary, *evals]))
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
 class JsonlSink:
     """Appends ``{"step": .., "time": .., <metrics>}`` per step; non-finite values become null.
 
@@ -292,6 +326,9 @@ def make_sinks(
     for name in logging_config.sinks:
         if name == "console":
             sinks.append(ConsoleSink())
+        elif name == "progress":
+            total = int((config_dict or {}).get("trainer", {}).get("steps", 0)) or None
+            sinks.append(ProgressSink(total, start=resume_step or 0))
         elif name == "jsonl":
             sinks.append(JsonlSink(run_dir / "metrics.jsonl", resume_step))
         elif name == "tensorboard":

@@ -22,12 +22,19 @@ import torch
 import torch.distributed as dist
 
 from megarl.advantages import compute_advantages
-from megarl.assemble import Rewards, build_engine, build_prompt_source, build_tokenizer
+from megarl.assemble import (
+    Rewards,
+    build_engine,
+    build_prompt_source,
+    build_tokenizer,
+    model_source,
+)
 from megarl.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from megarl.config import Config
-from megarl.errors import UserError
+from megarl.data.toy import is_toy
 from megarl.metrics import log_to_sinks, make_sinks
 from megarl.rollout.engine import Rollout, SamplingParams
+from megarl.rollout.groups import generate_across_groups
 from megarl.rollout.mismatch import logprob_mismatch
 from megarl.rollout.sync import sync_weights
 
@@ -66,7 +73,7 @@ class Trainer:
         self.run_dir = run_dir or Path(config.logging.dir) / name
         self.ckpt_dir = Path(config.checkpoint.dir) if config.checkpoint.dir else \
             self.run_dir / "checkpoints"
-        hf_config, checkpoint = _model_source(config)
+        hf_config, checkpoint = model_source(config)
         self.policy = Policy(config, hf_config, checkpoint)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.tokenizer = build_tokenizer(config)
@@ -83,6 +90,12 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.run_dir / "config.yaml")
+        self.evaluator = None
+        if config.trainer.eval_every:
+            from megarl.evaluate import Evaluator
+
+            self.evaluator = Evaluator(config, self.tokenizer, self.rewards, rank=self.rank,
+                                       world=self.world)
         self.sinks = make_sinks(config.logging, self.run_dir, config.to_dict(),
                                 resume_step=self.step if self.resumed_from else None)
 
@@ -100,11 +113,15 @@ class Trainer:
             while self.step < t.steps:
                 metrics = self.train_step(spec)
                 self.step += 1
+                if self.evaluator is not None and self.step % t.eval_every == 0:
+                    metrics |= self.evaluate()
                 history.append(metrics)
                 log_to_sinks(self.sinks, self.step, metrics)
                 every = self.config.checkpoint.save_every
                 if (every and self.step % every == 0) or self.step == t.steps:
                     self.save()
+            if self.config.checkpoint.save_hf:
+                self.save_hf()
         finally:
             for sink in self.sinks:
                 sink.close()
@@ -148,6 +165,14 @@ class Trainer:
         metrics["train/lr"] = lr
         timings["time/step"] = time.perf_counter() - start
         return metrics | sync | timings
+
+    def evaluate(self) -> dict[str, float]:
+        """``data.eval`` on the engine the step just synced: ``eval/<bench>/<metric>``."""
+        from megarl.eval_metrics import flatten
+
+        start = time.perf_counter()
+        metrics = flatten(self.evaluator.run(self.engine))
+        return metrics | {"time/eval": time.perf_counter() - start}
 
     # ---- phases -------------------------------------------------------------------------------
 
@@ -195,21 +220,16 @@ class Trainer:
     def _generate(self, prompts: Sequence[Sequence[int]], round_: int) -> list[Rollout]:
         """Every rank samples its engine group's share; the whole batch ends on every rank."""
         cfg = self.config
-        tp = cfg.rollout.tp
-        group, groups = self.rank // tp, self.world // tp
-        share = math.ceil(len(prompts) / groups)
-        mine = list(prompts[group * share:(group + 1) * share])
-        sampling = SamplingParams(
-            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-            top_k=cfg.rollout.top_k, max_tokens=cfg.rollout.max_response_len,
-            stop_token_ids=(self.eos,), seed=step_seed(cfg.trainer.seed, self.step, round_, group))
-        self.engine.wake_up()
-        out = self.engine.generate(mine, sampling).rollouts if mine else []
-        if groups == 1:
-            return out
-        parts: list[Any] = [None] * self.world
-        dist.all_gather_object(parts, out)
-        return [r for rank, part in enumerate(parts) if rank % tp == 0 for r in part]
+
+        def params_for(group: int) -> SamplingParams:
+            return SamplingParams(
+                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                top_k=cfg.rollout.top_k, max_tokens=cfg.rollout.max_response_len,
+                stop_token_ids=(self.eos,),
+                seed=step_seed(cfg.trainer.seed, self.step, round_, group))
+
+        return generate_across_groups(self.engine, prompts, params_for, rank=self.rank,
+                                      world=self.world, tp=cfg.rollout.tp)
 
     def samples_of(self, batch: StepBatch) -> tuple[list[Any], dict[str, float]]:
         from megarl.megatron.packing import TrainSample
@@ -249,6 +269,17 @@ class Trainer:
         save_checkpoint(self.ckpt_dir, self.step, self.policy, self.state(),
                         self.config.checkpoint.keep_last)
 
+    def save_hf(self) -> Path:
+        """The final policy as an HF checkpoint in ``<run dir>/hf`` (``checkpoint.save_hf``)."""
+        from megarl.megatron.weights import save_hf_checkpoint
+
+        out = self.run_dir / "hf"
+        tokenizer = self.config.model.tokenizer or self.config.model.name_or_path
+        save_hf_checkpoint(self.policy.models, str(out), self.policy.hf_config,
+                           tokenizer_from=None if is_toy(tokenizer) else tokenizer,
+                           overwrite=True)
+        return out
+
     def _resume(self) -> Path | None:
         """Continue from ``checkpoint.resume``: 'auto' is the newest complete checkpoint of this
         run (none: a fresh start), a path is that checkpoint, 'never' starts afresh."""
@@ -265,17 +296,3 @@ class Trainer:
             print(f"resuming from {path} (step {self.step})", flush=True)
         return path
 
-
-def _model_source(config: Config) -> tuple[dict[str, Any], Any]:
-    """The HF config and the checkpoint to load (None: a model built from scratch)."""
-    if config.model.name_or_path is None:
-        return dict(config.model.hf_config), None
-    from megarl.convert.hf_io import HFCheckpoint
-
-    path = Path(config.model.name_or_path).expanduser()
-    if not path.is_dir():
-        raise UserError(f"model.name_or_path={config.model.name_or_path!r}: not a local "
-                        "checkpoint directory (download it first: huggingface-cli download)")
-    checkpoint = HFCheckpoint(path)
-    hf_config = dict(checkpoint.config) | dict(config.model.hf_config)
-    return hf_config, (None if config.model.random_init else checkpoint)

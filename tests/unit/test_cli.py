@@ -66,13 +66,6 @@ def test_plan_applies_overrides() -> None:
     assert "token-mean" in r.stdout and "the loss's default" not in r.stdout
 
 
-def test_eval_is_not_implemented() -> None:
-    r = megarl("eval", QUICKSTART)
-    assert r.returncode == 3
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "not implemented yet" in lines[0], r.stderr
-
-
 def test_train_validates_the_config_first() -> None:
     r = megarl("train", QUICKSTART, "trainer.steps=-1")
     assert r.returncode == 2

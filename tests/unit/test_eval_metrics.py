@@ -169,3 +169,9 @@ def test_tables_render() -> None:
     console.print(format_table(s, title="eval"))
     rendered = console.export_text()
     assert "math500" in rendered and "pass@2" in rendered and "75.0" in rendered
+    # one metric family per table, as `megarl eval` prints them
+    passes = format_text(s, family="pass").splitlines()
+    assert passes[0].split() == ["benchmark", "problems", "pass@1", "pass@2"]
+    assert passes[2].split() == ["aime24", "1", "50.0", "100.0"]
+    with pytest.raises(UserError, match="family"):
+        format_text(s, family="best")
