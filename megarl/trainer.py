@@ -143,6 +143,10 @@ class Trainer:
             if self.policy.replayer is not None:
                 metrics |= self.policy.replayer.last_metrics
         timings["time/old_logprobs"] = time.perf_counter() - t0
+        if cfg.algo.kl_beta > 0:
+            t0 = time.perf_counter()
+            samples = self.policy.reference_logprobs(samples)
+            timings["time/ref_logprobs"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         lr = lr_at(cfg, self.step)
         results = []

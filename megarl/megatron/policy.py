@@ -83,6 +83,9 @@ class Policy:
             self.recorder = RouteRecorder(self.models, self.arch.moe_layers,
                                           self.arch.num_experts, self.topk)
         self.options = ForwardOptions(temperature=config.rollout.temperature)
+        # the KL reference: the initial weights (the HF checkpoint, or the seeded init), kept on
+        # the CPU and swapped in for its forward pass; rebuilt identically on resume
+        self._reference = self._copy_weights() if config.algo.kl_beta > 0 else None
 
     # ---- batches ------------------------------------------------------------------------------
 
@@ -104,14 +107,17 @@ class Policy:
 
     # ---- passes -------------------------------------------------------------------------------
 
-    def logprobs(self, samples: list[TrainSample]) -> list[TrainSample]:
+    def logprobs(self, samples: list[TrainSample], into: str = "old_logprobs",
+                 ) -> list[TrainSample]:  # fmt: skip
         """`samples` with ``old_logprobs`` from a forward-only pass, whole on every rank (R3
-        replays the engine's routes; R2 records Megatron's own as the samples' routes)."""
+        replays the engine's routes; R2 records Megatron's own as the samples' routes).
+        ``into="ref_logprobs"`` stores them there instead and replays the samples' routes."""
         local = self.local_share(samples)
         mbs = self.micro_batches(local)
-        replay = self.recorder if self.recorder is not None else self.replayer
+        record = self.recorder is not None and into == "old_logprobs"
+        replay = self.recorder if record else self.replayer
         rows = compute_logprobs(self.models, mbs, self.options, replay=replay)
-        recorded = self.recorder.take(mbs) if self.recorder is not None else None
+        recorded = self.recorder.take(mbs) if record else None
         out: list[TrainSample] = []
         for i, (mb, row) in enumerate(zip(mbs, rows, strict=True)):
             logp = mb.unpack(row)
@@ -122,12 +128,35 @@ class Policy:
                 old = torch.zeros(n, dtype=torch.float32)
                 old[1:] = logp[k][: n - 1].float().cpu()  # label-aligned -> token-aligned
                 extra = {} if routes is None else {"routed_experts": routes[k]}
-                out.append(dataclasses.replace(s, old_logprobs=old, **extra))
+                out.append(dataclasses.replace(s, **{into: old}, **extra))
         if self.layout.dp == 1:
             return out
         parts: list[Any] = [None] * self.layout.dp
         dist.all_gather_object(parts, out, group=ps.get_data_parallel_group())
         return [s for part in parts for s in part]
+
+    def reference_logprobs(self, samples: list[TrainSample]) -> list[TrainSample]:
+        """`samples` with ``ref_logprobs`` under the reference (initial) weights, under the
+        same routes as the policy's log-probs (a KL of weights, not of routing)."""
+        if self._reference is None:
+            raise RuntimeError("no reference weights: algo.kl_beta is 0")
+        current = self._copy_weights()
+        self._set_weights(self._reference)
+        try:
+            return self.logprobs(samples, into="ref_logprobs")
+        finally:
+            self._set_weights(current)
+
+    def _parameters(self) -> list[torch.nn.Parameter]:
+        return [p for m in self.models for p in m.module.parameters()]
+
+    def _copy_weights(self) -> list[torch.Tensor]:
+        return [p.detach().to("cpu", copy=True) for p in self._parameters()]
+
+    @torch.no_grad()
+    def _set_weights(self, weights: list[torch.Tensor]) -> None:
+        for p, w in zip(self._parameters(), weights, strict=True):
+            p.copy_(w, non_blocking=False)
 
     def train(self, samples: list[TrainSample], spec: PolicyObjective, lr: float) -> StepResult:
         """One optimizer step on a mini-batch (the same list on every rank)."""
