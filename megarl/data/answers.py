@@ -10,6 +10,7 @@ import ast
 import math
 import re
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Any
 
 from megarl.errors import UserError
@@ -22,6 +23,10 @@ _TRAILING_ZERO = re.compile(r"(-?\d+)\.0+")
 _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
 _SEPARATOR = re.compile(r"\s*(?:,|,?\s*and)\s*")
 _MATH_WRAPPERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+_WORD = re.compile(r"(?<!\\)\b[A-Za-z]{2,}\b")  # an English word, not a \command
+# No nested braces inside the argument: a linear scan, no backtracking.
+_TEXT_COMMAND = re.compile(r"\\(?:text|textrm|textit|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
+_LATEX_SPACE = re.compile(r"\\[,;:! ]|~")
 
 
 def extract_boxed(text: str) -> str | None:
@@ -79,21 +84,20 @@ def _box_content(text: str, pos: int) -> str | None:
     return None
 
 
-def gold_answers(raw: Any) -> list[str]:
-    """All accepted answers of a dataset row, normalised, without duplicates.
+def gold_answers(raw: Any) -> tuple[str, ...]:
+    """All accepted answers of a dataset row, normalised, in order, without duplicates.
 
     Minerva stores several *alternative* forms of one answer (``['-\\frac{1}{3}\\n', '-1/3']``),
-    so a list means "any of these", never a tuple answer.
+    so a list means "any of these", never a tuple answer. The first is the canonical one.
     """
-    items = _as_items(raw)
     out: list[str] = []
-    for item in items:
+    for item in _as_items(raw):
         norm = _normalise_scalar(item)
         if norm and norm not in out:
             out.append(norm)
     if not out:
         raise UserError(f"gold answer {_short(raw)} is empty; every row needs a non-empty answer")
-    return out
+    return tuple(out)
 
 
 def normalise_gold(raw: Any) -> str:
@@ -104,6 +108,26 @@ def normalise_gold(raw: Any) -> str:
     with several alternatives gives the first; use `gold_answers` to keep them all.
     """
     return gold_answers(raw)[0]
+
+
+def is_prose(gold: str) -> bool:
+    """Whether a normalised gold is prose around formulas rather than one formula.
+
+    OlympiadBench has answers such as ``$f(x)=a x+b$, where $b$ is an arbitrary integer, and
+    ...``: math-verify would grade only a fragment of it (its last formula, ``\\mho(a)=0``, is
+    "equal" to the answer ``0``), so such a gold is compared as text (`text_key`) instead.
+    """
+    parts = _UNESCAPED_DOLLAR.split(gold)
+    return len(parts) >= 3 and any(_WORD.search(text) for text in parts[0::2])
+
+
+def text_key(text: str) -> str:
+    """``text`` reduced for a textual comparison: math delimiters, ``\\text{}`` wrappers, LaTeX
+    spaces, white space and case removed (``"$f(x)=a x+b$, \\text{where} ..."`` ->
+    ``"f(x)=ax+b,where..."``), and a final full stop."""
+    text = _TEXT_COMMAND.sub(r"\1", text)
+    text = _LATEX_SPACE.sub("", _UNESCAPED_DOLLAR.sub("", text))
+    return "".join(text.split()).casefold().rstrip(".")
 
 
 def _as_items(raw: Any) -> list[Any]:
@@ -145,7 +169,10 @@ def _normalise_scalar(item: Any) -> str:
     if isinstance(item, float):
         if not math.isfinite(item):
             raise UserError(f"gold answer {item!r} is not finite; fix the dataset row")
-        return str(int(item)) if item.is_integer() else repr(item)
+        if item.is_integer():
+            return str(int(item))
+        text = repr(item)  # the shortest round-tripping form, without an exponent
+        return format(Decimal(text), "f") if "e" in text else text
     if not isinstance(item, str):
         if hasattr(item, "item"):  # numpy scalar
             return _normalise_scalar(item.item())
@@ -162,6 +189,8 @@ def _normalise_text(s: str) -> str:
         if boxed is not None:
             s = boxed.strip()
     s = _strip_math_wrappers(_join_math_segments(s))
+    if len(_UNESCAPED_DOLLAR.findall(s)) % 2:  # "$221,$8$": an odd '$' delimits nothing
+        s = _UNESCAPED_DOLLAR.sub("", s).strip()
     if _THOUSANDS.fullmatch(s):
         s = s.replace(",", "")
     m = _TRAILING_ZERO.fullmatch(s)

@@ -13,26 +13,25 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
-from megarl.data.answers import extract_boxed, normalise_gold
-from megarl.errors import ConfigError
+from megarl.data.answers import extract_boxed, gold_answers
+from megarl.errors import UserError
 
 # The instruction the R1-Zero-style math recipes append to a bare problem.
 BOXED_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 
 
-def gold_from_solution(raw: Any) -> str:
+def gold_from_solution(raw: Any) -> tuple[str, ...]:
     """MATH: the gold answer is the last ``\\boxed{}`` of the worked solution."""
-    text = str(raw)
-    boxed = extract_boxed(text)
-    return normalise_gold(boxed if boxed is not None else text)
+    if extract_boxed(str(raw)) is None:
+        raise UserError("the solution has no \\boxed{} answer; is the answer key the solution?")
+    return gold_answers(raw)
 
 
-def gold_after_hashes(raw: Any) -> str:
+def gold_after_hashes(raw: Any) -> tuple[str, ...]:
     """GSM8K: the solution ends in ``#### N``; the gold answer is N."""
-    text = str(raw)
-    if "####" in text:
-        text = text.rsplit("####", 1)[1]
-    return normalise_gold(text)
+    if "####" not in str(raw):
+        raise UserError("the solution has no '#### <answer>' line; is the answer key the solution?")
+    return gold_answers(raw)
 
 
 @dataclass(frozen=True)
@@ -48,13 +47,13 @@ class DatasetFormat:
     prompt_key: str
     answer_key: str
     instruction: str | None = None
-    gold: Callable[[Any], str] = normalise_gold
+    gold: Callable[[Any], tuple[str, ...]] = gold_answers
     aliases: tuple[str, ...] = ()
     hub_config: str | None = None
 
 
 def _eval_set(name: str, *aliases: str) -> DatasetFormat:
-    return DatasetFormat(name, "problem", "answer", BOXED_INSTRUCTION, normalise_gold,
+    return DatasetFormat(name, "problem", "answer", BOXED_INSTRUCTION, gold_answers,
                          (f"evaluation_suite/{name}", *aliases))
 
 
@@ -63,7 +62,7 @@ FORMATS: dict[str, DatasetFormat] = {
     for f in (
         # Its prompts already carry their own instruction ("... Answer: $Answer").
         DatasetFormat("dapo_math_17k", "prompt", "reward_model.ground_truth", None,
-                      normalise_gold, ("BytedTsinghua-SIA/DAPO-Math-17k", "DAPO-Math-17k")),
+                      gold_answers, ("BytedTsinghua-SIA/DAPO-Math-17k", "DAPO-Math-17k")),
         DatasetFormat("competition_math", "problem", "solution", BOXED_INSTRUCTION,
                       gold_from_solution, ("hendrycks/competition_math",
                                            "DigitalLearningGmbH/MATH-lighteval",
@@ -76,7 +75,7 @@ FORMATS: dict[str, DatasetFormat] = {
         _eval_set("math", "math500", "MATH-500", "HuggingFaceH4/MATH-500"),
         _eval_set("minerva"),
         _eval_set("olympiad_bench", "olympiadbench"),
-        DatasetFormat("gsm_8k", "problem", "answer", BOXED_INSTRUCTION, normalise_gold,
+        DatasetFormat("gsm_8k", "problem", "answer", BOXED_INSTRUCTION, gold_answers,
                       ("train/gsm_8k",)),
     )
 }
@@ -87,10 +86,10 @@ _BY_ALIAS: dict[str, DatasetFormat] = {
 
 
 def get_format(name: str) -> DatasetFormat:
-    """The format called ``name`` (or one of its aliases); ConfigError listing the known ones."""
+    """The format called ``name`` (or one of its aliases); UserError listing the known ones."""
     found = _BY_ALIAS.get(name.strip().rstrip("/").lower())
     if found is None:
-        raise ConfigError("data.format", name, f"unknown format; known: {', '.join(FORMATS)}")
+        raise UserError(f"format {name!r} is unknown; known: {', '.join(FORMATS)}")
     return found
 
 

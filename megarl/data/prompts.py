@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from megarl.data.answers import normalise_gold
+from megarl.data.answers import gold_answers
 from megarl.data.formats import DatasetFormat, find_format, get_format
 from megarl.errors import ConfigError, UserError
 
@@ -40,12 +40,17 @@ _COUNT_CHUNK = 1024  # rows rendered and tokenised together in the counting pass
 
 @dataclass(frozen=True)
 class PromptItem:
-    """One prompt ready for rollout: ``index`` is its row in the source dataset."""
+    """One prompt ready for rollout: ``index`` is its row in the source dataset.
+
+    The fields the trainer reads have the names of the toy tasks' `~megarl.data.toy.Prompt`,
+    so either source serves it. ``answer`` holds every accepted gold answer, normalised, the
+    canonical one first (Minerva lists alternative forms); `MathVerifier` accepts any of them.
+    """
 
     index: int
     prompt_ids: list[int]
     prompt_text: str
-    answer: str
+    answer: tuple[str, ...]
     dataset: str
 
 
@@ -59,7 +64,8 @@ class PromptDataset:
     ``template="chat"`` wraps the prompt in the tokenizer's chat template with the generation
     prompt; ``"plain"`` tokenises the text as is, with the tokenizer's special tokens (BOS).
     Prompts longer than ``max_prompt_len`` tokens are dropped and counted in ``num_dropped``.
-    ``field`` names the config field the source came from, for error messages.
+    ``format`` names a known format when the source's name does not tell it; ``field`` names
+    the config field the source came from, for error messages.
     """
 
     def __init__(
@@ -97,7 +103,9 @@ class PromptDataset:
         self.answer_key = answer_key or (fmt.answer_key if fmt else "answer")
         default_instruction = fmt.instruction if fmt else None
         self.instruction = default_instruction if instruction is None else (instruction or None)
-        self._gold = fmt.gold if fmt else normalise_gold
+        # A format's gold reader fits its own answer column only (MATH's reads a solution).
+        own_answers = fmt is not None and self.answer_key == fmt.answer_key
+        self._gold = fmt.gold if own_answers else gold_answers
 
         rows = load_rows(source, split, field=field, fmt=fmt)
         check_key(rows, self.prompt_key, "data.prompt_key", source)
@@ -205,7 +213,7 @@ class PromptDataset:
     def _prompt(self, row: Mapping[str, Any]) -> str:
         return prompt_text(_get(row, self.prompt_key), self.prompt_key)
 
-    def _answer(self, index: int, row: Mapping[str, Any]) -> str:
+    def _answer(self, index: int, row: Mapping[str, Any]) -> tuple[str, ...]:
         try:
             return self._gold(_get(row, self.answer_key))
         except UserError as e:

@@ -26,7 +26,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from megarl.data.answers import extract_boxed, gold_answers
+from megarl.data.answers import extract_boxed, gold_answers, is_prose, text_key
 from megarl.errors import ConfigError
 
 Status = Literal["correct", "wrong", "no_answer", "parse_failure", "timeout", "error"]
@@ -47,11 +47,6 @@ _RETICK_S = 0.05
 
 
 # --------------------------------------------------------------------------- rewards
-
-
-def exact_reward(response: str, gold: str) -> float:
-    """1.0 when the response equals the gold after stripping whitespace (toy tasks)."""
-    return 1.0 if response.strip() == gold.strip() else 0.0
 
 
 def overlong_penalty(response_len: int, max_len: int, buffer: int, factor: float = 1.0) -> float:
@@ -92,8 +87,9 @@ class MathVerifier:
 
     The answer is the content of the response's last ``\\boxed{}`` (none: reward 0, status
     ``no_answer``). The gold (a string, or a sequence of accepted alternatives) goes through
-    `gold_answers` and is parsed the same way, wrapped in ``\\boxed{}``. Answers longer than
-    ``max_answer_chars`` are ``parse_failure`` without being parsed.
+    `gold_answers` and is parsed the same way, wrapped in ``\\boxed{}``; the answer is correct
+    when it equals any alternative. A prose gold (`is_prose`) is compared as text instead.
+    Answers longer than ``max_answer_chars`` are ``parse_failure`` without being parsed.
 
     ``timeout_s`` bounds each answer's time on a worker; ``memory_mb`` is the address space a
     worker may add to its start-up footprint. Use as a context manager, or call `close`.
@@ -149,9 +145,15 @@ class MathVerifier:
             elif len(answer) > self.max_answer_chars:
                 verdicts[i] = Verdict(0.0, "parse_failure", 0.0)
             else:
-                alternatives = tuple(gold_answers(gold))
-                tasks.append((answer, alternatives, _SOFT_FRACTION * self.timeout_s))
-                where.append(i)
+                alternatives = gold_answers(gold)
+                formulas = tuple(g for g in alternatives if not is_prose(g))
+                if _matches_prose(answer, alternatives):
+                    verdicts[i] = Verdict(1.0, "correct", 0.0)
+                elif not formulas:
+                    verdicts[i] = Verdict(0.0, "wrong", 0.0)
+                else:
+                    tasks.append((answer, formulas, _SOFT_FRACTION * self.timeout_s))
+                    where.append(i)
         for i, (outcome, value, seconds) in zip(
             where, self._pool.run(_grade_in_worker, tasks, self.timeout_s), strict=True
         ):
@@ -171,6 +173,13 @@ class MathVerifier:
         """
         verdicts = self.grade(responses, golds)
         return [v.reward for v in verdicts], verdict_metrics(verdicts)
+
+
+def _matches_prose(answer: str, golds: Sequence[str]) -> bool:
+    """Whether ``answer`` equals a prose gold as text (see `is_prose`: math-verify would grade
+    only a fragment of one)."""
+    key = text_key(answer)
+    return any(is_prose(gold) and text_key(gold) == key for gold in golds)
 
 
 def verdict_metrics(verdicts: Sequence[Verdict]) -> dict[str, float]:

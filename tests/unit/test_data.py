@@ -7,6 +7,7 @@ ChatML chat template (no pretrained tokenizer is on disk offline).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from megarl.data.answers import gold_answers
 from megarl.data.formats import (
     BOXED_INSTRUCTION,
     FORMATS,
@@ -28,6 +30,7 @@ from megarl.data.formats import (
     gold_from_solution,
 )
 from megarl.data.prompts import PromptDataset, PromptItem
+from megarl.data.toy import Prompt
 from megarl.errors import ConfigError, UserError
 
 DATA = (Path(__file__).resolve().parents[2] / "../shared/data").resolve()
@@ -107,7 +110,7 @@ def test_jsonl_dapo_rows_use_nested_answer_and_last_user_message(tmp_path, token
     assert (ds.prompt_key, ds.answer_key) == ("prompt", "reward_model.ground_truth")
     items = ds.next_batch(len(PROBLEMS))
     assert [it.prompt_text for it in items] == PROBLEMS  # no instruction: DAPO carries its own
-    assert [it.answer for it in items] == ANSWERS
+    assert [it.answer for it in items] == [(a,) for a in ANSWERS]
     assert {it.dataset for it in items} == {"dapo_math_17k"}
 
 
@@ -120,7 +123,7 @@ def test_explicit_keys_on_a_json_array_file(tmp_path, tokenizer):
     assert ds.format is None and ds.name == "mine" and ds.instruction is None
     items = ds.next_batch(3)
     assert [(it.index, it.prompt_text, it.answer) for it in items] == [
-        (i, PROBLEMS[i], ANSWERS[i]) for i in range(3)]
+        (i, PROBLEMS[i], (ANSWERS[i],)) for i in range(3)]
 
 
 def test_parquet_file(tmp_path, tokenizer):
@@ -128,7 +131,7 @@ def test_parquet_file(tmp_path, tokenizer):
     datasets.Dataset.from_list(rows()).to_parquet(str(path))
     ds = make(path, tokenizer, template="plain", shuffle=False)
     assert len(ds) == ds.num_rows == len(PROBLEMS)
-    assert [it.answer for it in ds] == ANSWERS
+    assert [it.answer for it in ds] == [(a,) for a in ANSWERS]
 
 
 def test_save_to_disk_dataset_and_dataset_dict(tmp_path, tokenizer):
@@ -163,19 +166,21 @@ def test_offline_eval_sets_load_with_normalised_answers(tokenizer, split, rows_)
     assert by_split.num_rows == rows_ and by_split.num_dropped == 0
     items = list(by_split)
     assert [(i.index, i.answer) for i in items] == [(i.index, i.answer) for i in by_folder]
-    assert all(isinstance(i.answer, str) and i.answer and i.answer == i.answer.strip()
-               for i in items)
-    assert not any(i.answer.startswith("['") for i in items)  # stored lists are unwrapped
+    raw = datasets.load_from_disk(str(suite / split))
+    for item, gold in zip(items, raw["answer"], strict=True):  # every alternative, cleaned
+        assert isinstance(item.answer, tuple) and item.answer == gold_answers(gold)
+        assert all(a and a == a.strip() and not a.startswith("['") for a in item.answer)
     assert all(i.prompt_text.endswith(BOXED_INSTRUCTION + "<|im_end|>\n<|im_start|>assistant\n")
                for i in items)
-    raw = datasets.load_from_disk(str(suite / split))
     first = raw[0]["problem"]
     assert items[0].prompt_text.startswith(f"<|im_start|>user\n{first}\n{BOXED_INSTRUCTION}")
     if split == "amc":
-        assert raw[0]["answer"] == 142.0 and items[0].answer == "142"
-        assert not any(i.answer.endswith(".0") for i in items)
-    if split == "minerva":
-        assert raw[0]["answer"] == ["9.6\n"] and items[0].answer == "9.6"
+        assert raw[0]["answer"] == 142.0 and items[0].answer == ("142",)
+        assert not any(i.answer[0].endswith(".0") for i in items)
+    if split == "minerva":  # alternative forms of one answer are all kept
+        assert raw[0]["answer"] == ["9.6\n"] and items[0].answer == ("9.6",)
+        assert items[50].answer == ("-\\frac{1}{3}", "-1/3")
+        assert sum(len(i.answer) > 1 for i in items) == 40  # distinct forms, of 75 lists
 
 
 @needs_data
@@ -184,7 +189,7 @@ def test_offline_gsm8k_train_set(tokenizer):
     assert ds.format is FORMATS["gsm_8k"] and ds.num_rows == 8792
     assert 0 < ds.num_dropped < ds.num_rows and len(ds) == ds.num_rows - ds.num_dropped
     batch = ds.next_batch(16)
-    assert all(len(it.prompt_ids) <= 64 and it.answer.strip() for it in batch)
+    assert all(len(it.prompt_ids) <= 64 and it.answer[0].isdigit() for it in batch)
 
 
 # ---- rendering and length filter -------------------------------------------------------------
@@ -247,7 +252,7 @@ def test_order_is_a_seeded_permutation_per_epoch(tmp_path, tokenizer):
     assert [it.index for it in again.next_batch(150)] == sum(epochs, [])
     assert make(source, tokenizer, seed=8).epoch_order(0).tolist() != epochs[0]
     assert make(source, tokenizer, shuffle=False).epoch_order(5).tolist() == list(range(50))
-    assert [it.answer for it in again.items([3, 41])] == ["3", "41"]
+    assert [it.answer for it in again.items([3, 41])] == [("3",), ("41",)]
 
 
 def test_resume_yields_identical_batches_across_epochs(tmp_path, tokenizer):
@@ -325,7 +330,7 @@ def test_bad_settings_are_config_errors(tmp_path, tokenizer):
         make(source, tokenizer, template="raw")
     with pytest.raises(ConfigError, match=r"^trainer\.seed=-1"):
         make(source, tokenizer, seed=-1)
-    with pytest.raises(ConfigError, match=r"^data\.format='nope': unknown format; known: dapo"):
+    with pytest.raises(UserError, match=r"^format 'nope' is unknown; known: dapo"):
         make(source, tokenizer, format="nope")
 
 
@@ -370,6 +375,31 @@ def test_format_lookup_by_name_hub_name_and_path(tmp_path):
 
 
 def test_gold_functions_of_solution_formats():
-    assert gold_after_hashes("She has 3+4=<<3+4=7>>7 apples.\n#### 7") == "7"
-    assert gold_from_solution("So $x = \\boxed{\\frac{1}{2}}$.") == "\\frac{1}{2}"
-    assert gold_from_solution("First \\boxed{1}, then \\boxed{2}.") == "2"
+    assert gold_after_hashes("She has 3+4=<<3+4=7>>7 apples.\n#### 7") == ("7",)
+    assert gold_from_solution("So $x = \\boxed{\\frac{1}{2}}$.") == ("\\frac{1}{2}",)
+    assert gold_from_solution("First \\boxed{1}, then \\boxed{2}.") == ("2",)
+    with pytest.raises(UserError, match="no '#### <answer>' line"):
+        gold_after_hashes("She has 7 apples.")
+    with pytest.raises(UserError, match="no \\\\boxed"):
+        gold_from_solution("So x is one half.")
+
+
+def test_a_formats_gold_reader_applies_to_its_own_answer_column_only(tmp_path, tokenizer):
+    records = [{"problem": p, "solution": f"Work. So \\boxed{{{a}}}.", "answer": f"${a}$"}
+               for p, a in zip(PROBLEMS, ANSWERS, strict=True)]
+    source = write_jsonl(tmp_path / "MATH-lighteval.jsonl", records)
+    by_solution = make(source, tokenizer, shuffle=False)
+    assert by_solution.format is FORMATS["competition_math"]
+    assert [it.answer for it in by_solution] == [(a,) for a in ANSWERS]
+    by_answer = make(source, tokenizer, shuffle=False, answer_key="answer")  # no \boxed in it
+    assert [it.answer for it in by_answer] == [(a,) for a in ANSWERS]
+
+
+def test_items_have_the_toy_prompt_fields_the_trainer_reads(tmp_path, tokenizer):
+    """The trainer and the evaluator take either source: same field names and meaning."""
+    toy_fields = {f.name for f in dataclasses.fields(Prompt)}
+    assert toy_fields <= {f.name for f in dataclasses.fields(PromptItem)}
+    item = make(write_jsonl(tmp_path / "rows.jsonl", rows()), tokenizer).next_batch(1)[0]
+    assert isinstance(item.index, int) and isinstance(item.prompt_text, str)
+    assert item.prompt_ids == tokenizer(item.prompt_text, add_special_tokens=False)["input_ids"]
+    assert item.answer == (ANSWERS[item.index],)

@@ -9,14 +9,14 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from megarl.data.answers import extract_boxed, gold_answers, normalise_gold
+from megarl.data.answers import extract_boxed, gold_answers, is_prose, normalise_gold, text_key
 from megarl.data.rewards import (
     DeadlinePool,
     MathVerifier,
-    exact_reward,
     overlong_penalty,
     verdict_metrics,
 )
+from megarl.data.toy import toy_reward
 from megarl.errors import ConfigError, UserError
 
 # --------------------------------------------------------------------------- extraction
@@ -113,7 +113,8 @@ def test_extract_boxed_linear_on_hostile_text(text: str) -> None:
         ("$a=2$, $a=-6-4 \\sqrt{2}$", "a=2, a=-6-4 \\sqrt{2}"),
         ("$(-\\infty, 0) \\cup\\{1\\}$.", "(-\\infty, 0) \\cup\\{1\\}"),
         ("$f(x)=x$, where $x$ is real", "$f(x)=x$, where $x$ is real"),
-        ("$221,$8$", "$221,$8$"),
+        ("$221,$8$", "221,8"),  # an odd '$' delimits nothing: stray, dropped
+        (1e-05, "0.00001"),  # no exponent: LaTeX would read 1e-05 as 1*e-5
         ("\\$36", "\\$36"),
         ("\\left( 3, \\frac{\\pi}{2} \\right)", "\\left( 3, \\frac{\\pi}{2} \\right)"),
         (np.array(["4\n", "4"]), "4"),
@@ -126,10 +127,32 @@ def test_normalise_gold(raw: object, expected: str) -> None:
 
 
 def test_gold_alternatives_are_deduplicated_and_ordered() -> None:
-    assert gold_answers(["2\n", "2"]) == ["2"]
-    assert gold_answers(["-\\frac{1}{3}\n", "-1/3\n"]) == ["-\\frac{1}{3}", "-1/3"]
+    assert gold_answers(["2\n", "2"]) == ("2",)
+    assert gold_answers(["-\\frac{1}{3}\n", "-1/3\n"]) == ("-\\frac{1}{3}", "-1/3")
     assert normalise_gold(["-\\frac{1}{3}\n", "-1/3\n"]) == "-\\frac{1}{3}"
-    assert gold_answers("['0.01\\n', '0.02\\n']") == ["0.01", "0.02"]
+    assert gold_answers("['0.01\\n', '0.02\\n']") == ("0.01", "0.02")
+    assert gold_answers("18") == ("18",)
+
+
+PROSE = ("$f(x)=a x+b$, where $b$ is an arbitrary integer, and $a$ is an arbitrary positive "
+         "integer with $\\mho(a)=0$")  # OlympiadBench #73
+
+
+@pytest.mark.parametrize(
+    ("gold", "prose"),
+    [(PROSE, True), ("$x$ is even", True), ("x", False), ("\\text{no solution}", False),
+     ("a, b", False), ("\\$36", False), ("$\\sin x$, $\\cos x$", False)],
+)
+def test_is_prose(gold: str, prose: bool) -> None:
+    assert is_prose(gold) is prose
+
+
+def test_text_key_ignores_delimiters_spacing_and_case() -> None:
+    written = ("f(x) = ax+b, \\text{where } b \\text{ is an arbitrary integer, and } a\\text{ is "
+               "an arbitrary positive integer with }\\, \\mho(a)=0.")
+    assert text_key(written) == text_key(PROSE)
+    assert text_key("\\text{Where} B") == text_key("where b")
+    assert text_key("f(x)=ax+b") != text_key(PROSE)
 
 
 @pytest.mark.parametrize(
@@ -152,11 +175,10 @@ def test_normalise_gold_never_evaluates_code(tmp_path) -> None:
 # --------------------------------------------------------------------------- simple rewards
 
 
-def test_exact_reward() -> None:
-    assert exact_reward("  abc\n", "abc") == 1.0
-    assert exact_reward("abc", " abc ") == 1.0
-    assert exact_reward("abd", "abc") == 0.0
-    assert exact_reward("ABC", "abc") == 0.0
+def test_toy_reward_accepts_any_alternative() -> None:
+    assert toy_reward("7 and more", "7") == 1.0
+    assert toy_reward("7", ("6", "7")) == 1.0
+    assert toy_reward("8", ("6", "7")) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -199,44 +221,59 @@ def verifier() -> Iterator[MathVerifier]:
 
 
 @pytest.mark.parametrize(
-    ("answer", "gold"),
+    ("answer", "gold", "reward"),
     [
-        ("0.5", "1/2"),
-        ("\\frac{1}{2}", "0.5"),
-        ("\\frac{\\sqrt2}{2}", "\\frac{1}{\\sqrt{2}}"),
-        ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}"),
-        ("\\{2,1\\}", "\\{1,2\\}"),
-        ("(x+1)^2", "x^2+2x+1"),
-        ("142.0", "142"),
-        ("90", "90^\\circ"),
-        ("\\text{Evelyn}", "\\text{Evelyn}"),
-        ("(1,2]", "(1, 2]"),
-        ("25", "025"),
+        ("0.5", "1/2", 1.0),
+        ("\\frac{1}{2}", "0.5", 1.0),
+        ("\\frac{\\sqrt2}{2}", "\\frac{1}{\\sqrt{2}}", 1.0),
+        ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}", 1.0),
+        ("\\{2,1\\}", "\\{1,2\\}", 1.0),
+        ("(x+1)^2", "x^2+2x+1", 1.0),
+        ("142.0", "142", 1.0),
+        ("90", "90^\\circ", 1.0),
+        ("\\text{Evelyn}", "\\text{Evelyn}", 1.0),
+        ("(1,2]", "(1, 2]", 1.0),
+        ("25", "025", 1.0),
+        ("221, 8", "$221,$8$", 1.0),
+        ("4", "3", 0.0),
+        ("\\frac{1}{3}", "0.5", 0.0),
+        ("\\{1,3\\}", "\\{1,2\\}", 0.0),
+        ("(x-1)^2", "x^2+2x+1", 0.0),
+        ("\\text{Alice}", "\\text{Evelyn}", 0.0),
+        ("[1,2]", "(1, 2]", 0.0),
+        ("222, 8", "$221,$8$", 0.0),
     ],
 )
-def test_math_verifier_accepts_equivalent_forms(
-    verifier: MathVerifier, answer: str, gold: str
+def test_math_verifier_grades_by_mathematical_equality(
+    verifier: MathVerifier, answer: str, gold: str, reward: float
 ) -> None:
     rewards, _ = verifier.score([f"Thus the answer is $\\boxed{{{answer}}}$."], [gold])
-    assert rewards == [1.0]
+    assert rewards == [reward]
 
 
 @pytest.mark.parametrize(
-    ("answer", "gold"),
+    ("answer", "reward"),
     [
-        ("4", "3"),
-        ("\\frac{1}{3}", "0.5"),
-        ("\\{1,3\\}", "\\{1,2\\}"),
-        ("(x-1)^2", "x^2+2x+1"),
-        ("\\text{Alice}", "\\text{Evelyn}"),
-        ("[1,2]", "(1, 2]"),
+        (PROSE, 1.0),
+        ("f(x) = ax + b, \\text{where } b \\text{ is an arbitrary integer, and } a \\text{ is an "
+         "arbitrary positive integer with } \\mho(a)=0", 1.0),
+        ("0", 0.0),  # math-verify alone reads the gold as its last formula, \\mho(a)=0
+        ("\\mho(a)=0", 0.0),
+        ("f(x)=x^2", 0.0),
+        ("\\text{wrong}", 0.0),
     ],
 )
-def test_math_verifier_rejects_different_answers(
-    verifier: MathVerifier, answer: str, gold: str
-) -> None:
-    rewards, _ = verifier.score([f"\\boxed{{{answer}}}"], [gold])
-    assert rewards == [0.0]
+def test_prose_gold_is_compared_as_text(verifier: MathVerifier, answer: str,
+                                        reward: float) -> None:
+    verdicts = verifier.grade([f"\\boxed{{{answer}}}"], [[PROSE]])
+    assert [v.reward for v in verdicts] == [reward]
+    assert verdicts[0].status == ("correct" if reward else "wrong")
+
+
+def test_prose_and_formula_alternatives_are_both_accepted(verifier: MathVerifier) -> None:
+    golds = [(PROSE, "f(x)=ax+b")] * 3
+    rewards, _ = verifier.score(["\\boxed{f(x)=b+ax}", f"\\boxed{{{PROSE}}}", "\\boxed{0}"], golds)
+    assert rewards == [1.0, 1.0, 0.0]
 
 
 def test_math_verifier_statuses_and_metrics(verifier: MathVerifier) -> None:
@@ -274,12 +311,14 @@ def test_math_verifier_statuses_and_metrics(verifier: MathVerifier) -> None:
     assert verdict_metrics([])["reward/mean"] == 0.0
 
 
-def test_math_verifier_normalises_raw_golds(verifier: MathVerifier) -> None:
+def test_math_verifier_takes_raw_golds_strings_and_sequences(verifier: MathVerifier) -> None:
     rewards, _ = verifier.score(
-        ["\\boxed{18}", "\\boxed{9.6}", "\\boxed{142}", "\\boxed{-1/3}"],
-        ["#### 18", "['9.6\\n']", "142.0", "['-\\\\frac{1}{3}\\n', '-1/3\\n']"],
+        ["\\boxed{18}", "\\boxed{9.6}", "\\boxed{142}", "\\boxed{-1/3}", "\\boxed{-1/3}",
+         "\\boxed{-2/6}", "\\boxed{1/3}"],
+        ["#### 18", "['9.6\\n']", "142.0", "['-\\\\frac{1}{3}\\n', '-1/3\\n']",
+         ("-\\frac{1}{3}", "-1/3"), ["0.5", "-\\frac{1}{3}"], ("-\\frac{1}{3}", "-1/3")],
     )
-    assert rewards == [1.0, 1.0, 1.0, 1.0]
+    assert rewards == [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
 
 
 def test_math_verifier_rejects_mismatched_batch(verifier: MathVerifier) -> None:

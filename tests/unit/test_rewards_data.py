@@ -16,56 +16,88 @@ from pathlib import Path
 
 import pytest
 
-from megarl.data.answers import gold_answers, normalise_gold
-from megarl.data.rewards import MathVerifier
+from megarl.data.answers import gold_answers, is_prose
+from megarl.data.rewards import MathVerifier, Verdict
 
 DATA = Path(__file__).resolve().parents[2] / "../shared/data"
 SPLITS = ("aime", "amc", "math", "minerva", "olympiad_bench")
-_MATH_LIST = re.compile(r"\$[^$]*\$(?:\s*,\s*\$[^$]*\$)*\.?")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+_UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"offline data not found at {DATA}")
 
 
-def _wrong_answer(alternatives: list[str]) -> str:
-    """An answer no alternative accepts: one more than the largest number, or a word."""
+def _wrong_answers(alternatives: tuple[str, ...]) -> list[str]:
+    """Answers no alternative accepts: one more than the largest number (or a word), and a
+    fraction no benchmark has for an answer."""
     if all(_NUMBER.fullmatch(a) for a in alternatives):
-        return format(max(Decimal(a) for a in alternatives) + 1, "f")
-    return "\\text{wrong}"
+        first = format(max(Decimal(a) for a in alternatives) + 1, "f")
+    else:
+        first = "\\text{wrong}"
+    return [first, "-\\frac{1}{7}"]
+
+
+def _grade(responses: list[str], golds: list[tuple[str, ...]]) -> list[Verdict]:
+    start = time.monotonic()
+    with MathVerifier(workers=2, timeout_s=5.0) as verifier:
+        verdicts = verifier.grade(responses, golds)
+    print(f"graded {len(responses)} benchmark answers in {time.monotonic() - start:.1f} s")
+    return verdicts
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"offline benchmark data not found at {DATA}")
-def test_every_benchmark_gold_verifies_against_itself_and_rejects_a_wrong_answer() -> None:
+@needs_data
+def test_every_benchmark_gold_verifies_against_itself_and_rejects_wrong_answers() -> None:
+    """Every gold alternative of every problem of the five sets, written as ``\\boxed{}``,
+    scores 1 against the problem's golds (as the loader reads them); wrong answers score 0."""
     import datasets
 
     suite = datasets.load_from_disk(str(DATA / "evaluation_suite"))
     rows = [(split, i, raw) for split in SPLITS for i, raw in enumerate(suite[split]["answer"])]
     assert len(rows) == 30 + 83 + 500 + 272 + 675
     responses: list[str] = []
-    golds: list[list[str]] = []
+    golds: list[tuple[str, ...]] = []
     labels: list[tuple[str, int, str, float]] = []
     for split, i, raw in rows:
         alternatives = gold_answers(raw)
-        for gold in alternatives:  # clean: no stray whitespace, newline or $...$ wrappers
+        for gold in alternatives:  # clean: no stray white space, newline or '$' delimiter
             assert gold == gold.strip() and "\n" not in gold, gold
-            assert not _MATH_LIST.fullmatch(gold), gold
-        wrong = _wrong_answer(alternatives)
-        assert wrong not in alternatives
-        for answer, expected in ((normalise_gold(raw), 1.0), (wrong, 0.0)):
+            assert is_prose(gold) or not _UNESCAPED_DOLLAR.search(gold), gold
+        cases = [(a, 1.0) for a in alternatives] + [(w, 0.0) for w in _wrong_answers(alternatives)]
+        for answer, expected in cases:
             responses.append(f"The answer is \\boxed{{{answer}}}")
             golds.append(alternatives)
             labels.append((split, i, answer, expected))
 
-    start = time.monotonic()
-    with MathVerifier(workers=2, timeout_s=5.0) as verifier:
-        verdicts = verifier.grade(responses, golds)
-    print(f"graded {len(responses)} benchmark answers in {time.monotonic() - start:.1f} s")
-
+    verdicts = _grade(responses, golds)
+    counts: dict[tuple[str, float], Counter[float]] = {}
+    for (split, _, _, expected), v in zip(labels, verdicts, strict=True):
+        counts.setdefault((split, expected), Counter())[v.reward] += 1
+    for (split, expected), c in counts.items():
+        print(f"  {split:15s} {'gold' if expected else 'wrong'}: {dict(c)}")
     failures = [
         f"{split}[{i}] answer={answer!r} gold={gold!r}: {v.status}"
         for (split, i, answer, expected), gold, v in zip(labels, golds, verdicts, strict=True)
         if v.reward != expected
     ]
     assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:50])
+
+
+@pytest.mark.slow
+@needs_data
+def test_the_prose_gold_of_olympiad_bench_is_graded_as_text() -> None:
+    """OlympiadBench #73, the sets' one prose gold: its last formula (``\\mho(a)=0``) is what
+    math-verify alone would compare, so ``0`` would score 1."""
+    import datasets
+
+    answers = datasets.load_from_disk(str(DATA / "evaluation_suite" / "olympiad_bench"))["answer"]
+    prose = [i for i, raw in enumerate(answers) if any(map(is_prose, gold_answers(raw)))]
+    assert prose == [73]
+    gold = gold_answers(answers[73])
+    spelled = ("f(x) = ax+b, \\text{where } b \\text{ is an arbitrary integer, and } a \\text{ is "
+               "an arbitrary positive integer with } \\mho(a) = 0")
+    cases = [(gold[0], 1.0), (spelled, 1.0), ("0", 0.0), ("\\mho(a)=0", 0.0), ("f(x)=x", 0.0)]
+    verdicts = _grade([f"\\boxed{{{answer}}}" for answer, _ in cases], [gold] * len(cases))
+    assert [v.reward for v in verdicts] == [expected for _, expected in cases]
 
 
 def _adversarial_answers(sentinel: Path, rng: random.Random) -> list[tuple[str, str]]:
@@ -75,41 +107,56 @@ def _adversarial_answers(sentinel: Path, rng: random.Random) -> list[tuple[str, 
     def add(kind: str, count: int, make: Callable[[int], str]) -> None:
         out.extend((kind, make(k)) for k in range(count))
 
-    def d() -> int:
-        return rng.randint(2, 9)
+    # Formulas that grow with k: (kind, count, answer with @ for the number, @'s first value).
+    # Huge exponents (sympy evaluates integer powers eagerly), sympy-hostile calculus, and
+    # numbers too big to hold.
+    growing = [
+        ("exponent", 10, "10^{10^{@}}", 10),
+        ("exponent", 10, "x^{10^{@}}", 10),
+        ("exponent", 10, "(1+x)^{@}", 10**6),
+        ("exponent", 10, "@!", 10**5),
+        ("exponent", 10, "10^{-10^{@}}", 10),
+        ("exponent", 10, "\\sqrt[10^{@}]{2}", 10),
+        ("python", 40, "10**10**@", 10),
+        ("calculus", 20, "\\prod_{i=1}^{10^{@}} i", 10),
+        ("calculus", 20, "\\sum_{i=1}^{10^{@}} i^{i}", 9),
+        ("calculus", 10, "\\int_0^1 e^{x^{@}} dx", 1000),
+        ("calculus", 10, "\\lim_{x\\to 0} \\sin(x)^{x^{@}}", 1000),
+        ("bignum", 20, "1e@", 10**6),
+    ]
+    for kind, count, formula, first in growing:
+        add(kind, count, lambda k, f=formula, n=first: f"\\boxed{{{f.replace('@', str(n + k))}}}")
 
-    # huge exponents: sympy evaluates integer powers eagerly
-    add("tower", 20, lambda k: f"\\boxed{{{d()}^{{{d()}^{{{d()}^{{{d()}}}}}}}}}")
-    add("exponent", 10, lambda k: f"\\boxed{{10^{{10^{{{10 + k}}}}}}}")
-    add("exponent", 10, lambda k: f"\\boxed{{x^{{10^{{{10 + k}}}}}}}")
-    add("exponent", 10, lambda k: f"\\boxed{{(1+x)^{{{10**6 + k}}}}}")
-    add("exponent", 10, lambda k: f"\\boxed{{{10**5 + k}!}}")
-    add("exponent", 10, lambda k: f"\\boxed{{10^{{-10^{{{10 + k}}}}}}}")
-    add("exponent", 10, lambda k: f"\\boxed{{\\sqrt[10^{{{10 + k}}}]{{2}}}}")
-    add("python", 40, lambda k: f"\\boxed{{10**10**{10 + k}}}")
-    # sympy-hostile calculus
-    add("calculus", 20, lambda k: f"\\boxed{{\\prod_{{i=1}}^{{10^{{{10 + k}}}}} i}}")
-    add("calculus", 20, lambda k: f"\\boxed{{\\sum_{{i=1}}^{{10^{{{9 + k}}}}} i^{{i}}}}")
-    add("calculus", 10, lambda k: f"\\boxed{{\\int_0^1 e^{{x^{{{1000 + k}}}}} dx}}")
-    add("calculus", 10, lambda k: f"\\boxed{{\\lim_{{x\\to 0}} \\sin(x)^{{x^{{{1000 + k}}}}}}}")
-    # deep nesting: 1000 deep (over the length cap) and shallower (inside it)
-    add("nesting", 30, lambda k: "\\boxed{" + "\\frac{" * 1000 + "1" + "}{2}" * 1000 + "}")
-    add("nesting", 15, lambda k: "\\boxed{" + "\\frac{" * (20 + k) + "1" + "}{2}" * (20 + k) + "}")
-    add("nesting", 15, lambda k: "\\boxed{" + "\\sqrt{" * (30 + k) + "2" + "}" * (30 + k) + "}")
-    add("nesting", 20, lambda k: "\\boxed{" + "(" * (100 + k) + "1" + ")" * (100 + k) + "}")
-    add("nesting", 20, lambda k: "\\boxed{" + "{" * 1000 * (k + 1) + "}" * 1000 * (k + 1) + "}")
-    # unbalanced braces
-    add("unbalanced", 30, lambda k: "\\boxed{" + "{" * (k + 1) + "1")
-    add("unbalanced", 30, lambda k: "\\boxed{1" + "}" * (k + 2) + "{" * k)
-    add("unbalanced", 20, lambda k: "\\boxed{\\frac{1}{2}" + "\\boxed{" * (k + 1))
-    add("unbalanced", 20, lambda k: "\\boxed{" + "\\left(" * (k + 5) + "x" + "}")
-    # 100 kB strings
-    add("100kB", 10, lambda k: "\\boxed{" + str(k) * 100_000 + "}")
-    add("100kB", 10, lambda k: "x+" * 50_000)
-    add("100kB", 10, lambda k: "\\boxed{" * 15_000)
-    add("100kB", 10, lambda k: "\\boxed{1}" + " \\frac{" * 15_000)
-    add("100kB", 10, lambda k: "\\boxed{" + "a^" * 50_000 + "b}")
-    add("100kB", 10, lambda k: "$" * 100_000 + "\\boxed{$1$}")
+    def tower(k: int) -> str:  # like 9^{9^{9^{9}}}
+        a, b, c, d = (rng.randint(2, 9) for _ in range(4))
+        return f"\\boxed{{{a}^{{{b}^{{{c}^{{{d}}}}}}}}}"
+
+    add("tower", 20, tower)
+    # Deep nesting, unbalanced braces, 100 kB strings and long numbers, each built as
+    # begin + piece * n + middle + closing * n + end: (kind, count, begin, piece, middle,
+    # closing, end, n as a function of k).
+    repeated = [
+        ("nesting", 30, "\\boxed{", "\\frac{", "1", "}{2}", "}", lambda k: 1000),  # > length cap
+        ("nesting", 15, "\\boxed{", "\\frac{", "1", "}{2}", "}", lambda k: 20 + k),
+        ("nesting", 15, "\\boxed{", "\\sqrt{", "2", "}", "}", lambda k: 30 + k),
+        ("nesting", 20, "\\boxed{", "(", "1", ")", "}", lambda k: 100 + k),
+        ("nesting", 20, "\\boxed{", "{", "", "}", "}", lambda k: 1000 * (k + 1)),
+        ("unbalanced", 30, "\\boxed{", "{", "1", "", "", lambda k: k + 1),
+        ("unbalanced", 30, "\\boxed{1", "}", "", "{", "", lambda k: k + 2),
+        ("unbalanced", 20, "\\boxed{\\frac{1}{2}", "\\boxed{", "", "", "", lambda k: k + 1),
+        ("unbalanced", 20, "\\boxed{", "\\left(", "x", "", "}", lambda k: k + 5),
+        ("100kB", 10, "\\boxed{", "7", "", "", "}", lambda k: 100_000),
+        ("100kB", 10, "", "x+", "", "", "", lambda k: 50_000),
+        ("100kB", 10, "", "\\boxed{", "", "", "", lambda k: 15_000),
+        ("100kB", 10, "\\boxed{1}", " \\frac{", "", "", "", lambda k: 15_000),
+        ("100kB", 10, "\\boxed{", "a^", "b", "", "}", lambda k: 50_000),
+        ("100kB", 10, "", "$", "\\boxed{$1$}", "", "", lambda k: 100_000),
+        ("bignum", 20, "\\boxed{", "", "9", "9", "}", lambda k: 1000 + k),
+        ("bignum", 20, "\\boxed{0.", "0", "1", "", "}", lambda k: 1000 + k),
+    ]
+    for kind, count, begin, piece, middle, closing, end, times in repeated:
+        add(kind, count, lambda k, b=begin, p=piece, m=middle, c=closing, e=end, t=times:
+            b + p * t(k) + m + c * t(k) + e)
     # code injection: must never run
     payloads = [
         f"__import__('os').system('touch {sentinel}')",
@@ -130,10 +177,6 @@ def _adversarial_answers(sentinel: Path, rng: random.Random) -> list[tuple[str, 
     ]
     add("code", 150, lambda k: f"\\boxed{{{payloads[k % len(payloads)]}}}" + " " * (k // 15))
     add("code", 45, lambda k: f"The answer is {payloads[k % len(payloads)]}" + " " * (k // 15))
-    # big numbers below the length cap
-    add("bignum", 20, lambda k: "\\boxed{" + "9" * (1000 + k) + "}")
-    add("bignum", 20, lambda k: f"\\boxed{{1e{10**6 + k}}}")
-    add("bignum", 20, lambda k: f"\\boxed{{0.{'0' * (1000 + k)}1}}")
     # random LaTeX soup, braces closed so that most of it reaches the parser
     tokens = [
         "\\frac{", "}{", "^", "_", "\\sqrt{", "\\sum", "\\int", "\\left(", "\\right)", "x", "y",
