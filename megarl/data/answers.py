@@ -27,6 +27,7 @@ _WORD = re.compile(r"(?<!\\)\b[A-Za-z]{2,}\b")  # an English word, not a \comman
 # No nested braces inside the argument: a linear scan, no backtracking.
 _TEXT_COMMAND = re.compile(r"\\(?:text|textrm|textit|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
 _LATEX_SPACE = re.compile(r"\\[,;:! ]|~")
+_ANSWER_LABEL = re.compile(r"answer[ \t]*:", re.IGNORECASE)
 
 
 def extract_boxed(text: str) -> str | None:
@@ -49,6 +50,22 @@ def extract_boxed(text: str) -> str | None:
             found[command] = text.rfind(command, 0, start)
             continue
         return _box_content(text, after)
+
+
+def final_answer(text: str) -> str | None:
+    """The answer a response commits to: its last ``\\boxed{}`` (see `extract_boxed`) or, in a
+    response with no box at all, the rest of its last ``Answer:`` line (case-insensitive), the
+    form DAPO-Math-17k's prompts ask for ("The last line of your response should be of the
+    form Answer: $Answer"); ``$...$`` around it is dropped. None when there is neither."""
+    if any(command in text for command in _BOX_COMMANDS):
+        return extract_boxed(text)
+    labels = list(_ANSWER_LABEL.finditer(text))
+    if not labels:
+        return None
+    last = labels[-1]
+    line_end = text.find("\n", last.end())
+    line = text[last.end() : line_end if line_end >= 0 else len(text)]
+    return _strip_math_wrappers(line.strip().rstrip(".").strip()) or None
 
 
 def _box_content(text: str, pos: int) -> str | None:

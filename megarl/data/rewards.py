@@ -26,7 +26,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from megarl.data.answers import extract_boxed, gold_answers, is_prose, text_key
+from megarl.data.answers import final_answer, gold_answers, is_prose, text_key
 from megarl.errors import ConfigError
 
 Status = Literal["correct", "wrong", "no_answer", "parse_failure", "timeout", "error"]
@@ -85,11 +85,12 @@ class Verdict:
 class MathVerifier:
     """Scores ``(response, gold)`` pairs with math-verify in a pool of sandboxed workers.
 
-    The answer is the content of the response's last ``\\boxed{}`` (none: reward 0, status
-    ``no_answer``). The gold (a string, or a sequence of accepted alternatives) goes through
-    `gold_answers` and is parsed the same way, wrapped in ``\\boxed{}``; the answer is correct
-    when it equals any alternative. A prose gold (`is_prose`) is compared as text instead.
-    Answers longer than ``max_answer_chars`` are ``parse_failure`` without being parsed.
+    The answer is the response's `final_answer`: its last ``\\boxed{}``, or DAPO's ``Answer:``
+    line in a response with no box (neither: reward 0, status ``no_answer``). The gold (a
+    string, or a sequence of accepted alternatives) goes through `gold_answers` and is parsed
+    the same way, wrapped in ``\\boxed{}``; the answer is correct when it equals any
+    alternative. A prose gold (`is_prose`) is compared as text instead. Answers longer than
+    ``max_answer_chars`` are ``parse_failure`` without being parsed.
 
     ``timeout_s`` bounds each answer's time on a worker; ``memory_mb`` is the address space a
     worker may add to its start-up footprint. Use as a context manager, or call `close`.
@@ -139,15 +140,16 @@ class MathVerifier:
         tasks: list[tuple[Any, ...]] = []
         where: list[int] = []
         for i, (response, gold) in enumerate(zip(responses, golds, strict=True)):
-            answer = extract_boxed(response)
+            answer = final_answer(response)
             if answer is None or not answer.strip():
                 verdicts[i] = Verdict(0.0, "no_answer", 0.0)
             elif len(answer) > self.max_answer_chars:
                 verdicts[i] = Verdict(0.0, "parse_failure", 0.0)
             else:
                 alternatives = gold_answers(gold)
+                prose = {text_key(g) for g in alternatives if is_prose(g)}
                 formulas = tuple(g for g in alternatives if not is_prose(g))
-                if _matches_prose(answer, alternatives):
+                if prose and text_key(answer) in prose:
                     verdicts[i] = Verdict(1.0, "correct", 0.0)
                 elif not formulas:
                     verdicts[i] = Verdict(0.0, "wrong", 0.0)
@@ -173,13 +175,6 @@ class MathVerifier:
         """
         verdicts = self.grade(responses, golds)
         return [v.reward for v in verdicts], verdict_metrics(verdicts)
-
-
-def _matches_prose(answer: str, golds: Sequence[str]) -> bool:
-    """Whether ``answer`` equals a prose gold as text (see `is_prose`: math-verify would grade
-    only a fragment of one)."""
-    key = text_key(answer)
-    return any(is_prose(gold) and text_key(gold) == key for gold in golds)
 
 
 def verdict_metrics(verdicts: Sequence[Verdict]) -> dict[str, float]:

@@ -9,7 +9,14 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from megarl.data.answers import extract_boxed, gold_answers, is_prose, normalise_gold, text_key
+from megarl.data.answers import (
+    extract_boxed,
+    final_answer,
+    gold_answers,
+    is_prose,
+    normalise_gold,
+    text_key,
+)
 from megarl.data.rewards import (
     DeadlinePool,
     MathVerifier,
@@ -81,6 +88,30 @@ def test_extract_boxed_absent_or_unbalanced(text: str) -> None:
 def test_extract_boxed_linear_on_hostile_text(text: str) -> None:
     start = time.perf_counter()
     extract_boxed(text)
+    assert time.perf_counter() - start < 0.5
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("So the total is 42.\nAnswer: 42", "42"),  # DAPO-Math-17k's requested form
+        ("answer : $\\frac{1}{2}$.\n", "\\frac{1}{2}"),
+        ("Answer: 3\nWait, no.\nAnswer: 4", "4"),
+        ("Final Answer: x=3 ", "x=3"),
+        ("\\boxed{2}\nAnswer: 3", "2"),  # a box wins
+        ("\\boxed{2\nAnswer: 3", None),  # a cut-off box does not fall back
+        ("The answer is 5", None),
+        ("Answer:\n", None),
+    ],
+)
+def test_final_answer(text: str, expected: str | None) -> None:
+    assert final_answer(text) == expected
+
+
+@pytest.mark.parametrize("text", ["answer " * 20_000, "Answer:" * 15_000, "answer" + " " * 99_994])
+def test_final_answer_linear_on_hostile_text(text: str) -> None:
+    start = time.perf_counter()
+    final_answer(text)
     assert time.perf_counter() - start < 0.5
 
 
@@ -285,8 +316,9 @@ def test_math_verifier_statuses_and_metrics(verifier: MathVerifier) -> None:
         "\\boxed{@@@}",  # nothing math-verify can parse
         "\\boxed{" + "1" * 5000 + "}",  # longer than max_answer_chars: not even parsed
         "\\boxed{0.02}",  # the second accepted alternative
+        "So it is 2.\nAnswer: 2",  # DAPO's form, no box
     ]
-    golds: list[str | list[str]] = ["2"] * 6 + [["0.01", "0.02"]]
+    golds: list[str | list[str]] = ["2"] * 6 + [["0.01", "0.02"], "2"]
     verdicts = verifier.grade(responses, golds)
     assert [v.status for v in verdicts] == [
         "correct",
@@ -296,14 +328,15 @@ def test_math_verifier_statuses_and_metrics(verifier: MathVerifier) -> None:
         "parse_failure",
         "parse_failure",
         "correct",
+        "correct",
     ]
     rewards, metrics = verifier.score(responses, golds)
-    assert rewards == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert rewards == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
     assert metrics == pytest.approx(
         {
-            "reward/mean": 2 / 7,
-            "reward/no_answer": 2 / 7,
-            "reward/parse_failures": 2 / 7,
+            "reward/mean": 3 / 8,
+            "reward/no_answer": 2 / 8,
+            "reward/parse_failures": 2 / 8,
             "reward/timeouts": 0.0,
             "reward/errors": 0.0,
         }

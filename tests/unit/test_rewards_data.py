@@ -176,7 +176,7 @@ def _adversarial_answers(sentinel: Path, rng: random.Random) -> list[tuple[str, 
         f"\\text{{__import__('os').system('touch {sentinel}')}}",
     ]
     add("code", 150, lambda k: f"\\boxed{{{payloads[k % len(payloads)]}}}" + " " * (k // 15))
-    add("code", 45, lambda k: f"The answer is {payloads[k % len(payloads)]}" + " " * (k // 15))
+    add("code", 45, lambda k: f"Answer: {payloads[k % len(payloads)]}" + " " * (k // 15))
     # random LaTeX soup, braces closed so that most of it reaches the parser
     tokens = [
         "\\frac{", "}{", "^", "_", "\\sqrt{", "\\sum", "\\int", "\\left(", "\\right)", "x", "y",
