@@ -32,9 +32,7 @@ from megarl.data.formats import (
 from megarl.data.prompts import PromptDataset, PromptItem
 from megarl.data.toy import Prompt
 from megarl.errors import ConfigError, UserError
-
-DATA = (Path(__file__).resolve().parents[2] / "../shared/data").resolve()
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"offline data not found at {DATA}")
+from tests.unit.offline_data import DATA, needs_data
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"

@@ -18,12 +18,11 @@ import pytest
 
 from megarl.data.answers import gold_answers, is_prose
 from megarl.data.rewards import MathVerifier, Verdict
+from tests.unit.offline_data import DATA, needs_data
 
-DATA = Path(__file__).resolve().parents[2] / "../shared/data"
 SPLITS = ("aime", "amc", "math", "minerva", "olympiad_bench")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"offline data not found at {DATA}")
 
 
 def _wrong_answers(alternatives: tuple[str, ...]) -> list[str]:
