@@ -169,7 +169,8 @@ class MathVerifier:
         """Rewards (1.0 correct, else 0.0) and batch metrics.
 
         Metrics are fractions of the batch, so they average across steps: ``reward/mean``,
-        ``reward/no_answer``, ``reward/parse_failures`` (answer not parseable as math),
+        ``reward/no_answer``, ``reward/parse_failures`` (answer not parseable as math, too long,
+        or over the worker's memory cap),
         ``reward/timeouts`` (soft or hard deadline hit) and ``reward/errors`` (grader or
         worker crash).
         """
