@@ -112,8 +112,11 @@ def leading_answer(text: str) -> str | None:
     return number if number.strip("-") else None
 
 
-def toy_reward(response: str, answer: str) -> float:
-    return 1.0 if leading_answer(response) == answer else 0.0
+def toy_reward(response: str, answer: str | Sequence[str]) -> float:
+    """1.0 when the leading number is the answer (or one of the accepted answers: a dataset's
+    `~megarl.data.prompts.PromptItem` carries them all)."""
+    golds = (answer,) if isinstance(answer, str) else tuple(answer)
+    return 1.0 if leading_answer(response) in golds else 0.0
 
 
 @dataclass(frozen=True)
