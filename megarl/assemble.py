@@ -59,20 +59,21 @@ class Rewards:
 
             self._verifier = MathVerifier(workers=config.data.reward_workers)
 
-    def __call__(self, responses: Sequence[str],
-                 answers: Sequence[str]) -> tuple[list[float], dict[str, float]]:  # fmt: skip
+    def __call__(self, responses: Sequence[str], answers: Sequence[str | Sequence[str]],
+                 ) -> tuple[list[float], dict[str, float]]:  # fmt: skip
         if self._verifier is not None:
             return self._verifier.score(responses, answers)
         return [toy_reward(r, a) for r, a in zip(responses, answers, strict=True)], {}
 
     def answer_of(self, response: str) -> str | None:
         """The answer a response commits to (for majority voting): the toy tasks' leading
-        number, or the content of the last ``\\boxed{}``; None when there is none."""
+        number, or the final answer the math reward grades (the last ``\\boxed{}``, else an
+        ``Answer:`` line); None when there is none."""
         if self._verifier is not None:
-            from megarl.data.answers import extract_boxed
+            from megarl.data.answers import final_answer
 
-            boxed = extract_boxed(response)
-            return None if boxed is None else " ".join(boxed.split())
+            answer = final_answer(response)
+            return None if answer is None else " ".join(answer.split())
         return leading_answer(response)
 
     def close(self) -> None:

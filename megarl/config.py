@@ -329,6 +329,10 @@ class AlgoConfig:
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 4  # dynamic sampling: rollout rounds per step at most
     old_logprobs: Literal["recompute", "rollout"] = "recompute"
+    # DAPO's soft overlong punishment (eq. 13): the last `overlong_buffer` tokens before
+    # rollout.max_response_len cost up to `overlong_penalty` reward, linearly; 0 = off
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
 
     def check(self) -> None:
         from megarl.advantages import ADVANTAGE_ESTIMATORS
@@ -346,6 +350,11 @@ class AlgoConfig:
         if self.entropy_coef < 0:
             raise ConfigError("algo.entropy_coef", self.entropy_coef, "must be >= 0")
         _positive("algo.max_sampling_rounds", self.max_sampling_rounds)
+        if self.overlong_buffer < 0:
+            raise ConfigError("algo.overlong_buffer", self.overlong_buffer,
+                              "must be >= 0 (0 = off)")
+        if self.overlong_penalty < 0:
+            raise ConfigError("algo.overlong_penalty", self.overlong_penalty, "must be >= 0")
 
     def resolved_params(self) -> dict[str, Any]:
         """The loss's defaults updated by ``params``, validated by the loss library."""
@@ -549,6 +558,10 @@ class Config:
             raise ConfigError("trainer.eval_every", self.trainer.eval_every,
                               "evaluates data.eval, which is empty: name benchmarks in data.eval "
                               "or set trainer.eval_every=0")
+        if self.algo.overlong_buffer > self.rollout.max_response_len:
+            raise ConfigError("algo.overlong_buffer", self.algo.overlong_buffer,
+                              f"must be <= rollout.max_response_len="
+                              f"{self.rollout.max_response_len}")
         length = self.rollout.max_prompt_len + self.rollout.max_response_len
         if facts.max_position_embeddings and length > facts.max_position_embeddings:
             raise ConfigError(

@@ -197,6 +197,8 @@ class Trainer:
             answers = [p.answer for p in prompts for _ in range(n)]
             rewards, reward_metrics = self.rewards(texts, answers)
             metrics |= reward_metrics
+            if cfg.algo.overlong_buffer:
+                rewards = self._punish_overlong(rollouts, rewards, metrics)
             for g in range(len(prompts)):
                 group = (rollouts[g * n:(g + 1) * n], rewards[g * n:(g + 1) * n])
                 informative = max(group[1]) > min(group[1])
@@ -220,6 +222,18 @@ class Trainer:
                                                  for r in batch.rollouts) / len(batch.rollouts)),
         }
         return batch
+
+    def _punish_overlong(self, rollouts: list[Rollout], rewards: list[float],
+                         metrics: dict[str, float]) -> list[float]:  # fmt: skip
+        """DAPO's soft overlong punishment added to the task rewards (``algo.overlong_*``)."""
+        from megarl.data.rewards import overlong_penalty
+
+        algo = self.config.algo
+        penalties = [overlong_penalty(len(r.response_ids), self.config.rollout.max_response_len,
+                                      algo.overlong_buffer, algo.overlong_penalty)
+                     for r in rollouts]
+        metrics["reward/overlong_penalty_mean"] = sum(penalties) / len(penalties)
+        return [r + p for r, p in zip(rewards, penalties, strict=True)]
 
     def _generate(self, prompts: Sequence[Sequence[int]], round_: int) -> list[Rollout]:
         """Every rank samples its engine group's share; the whole batch ends on every rank."""

@@ -70,7 +70,8 @@ def test_int_is_accepted_for_a_float_field() -> None:
 
 def test_yaml_scientific_notation_is_a_float(tmp_path: Path) -> None:
     data = yaml.safe_load(QUICKSTART.read_text())
-    text = yaml.safe_dump(data).replace("lr: 0.003", "lr: 5e-3")
+    data["trainer"]["lr"] = 1.0  # a placeholder, replaced by scientific notation below
+    text = yaml.safe_dump(data).replace("lr: 1.0", "lr: 5e-3")
     assert "lr: 5e-3" in text
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -308,3 +309,24 @@ def test_agg_and_advantage_are_checked_against_the_libraries() -> None:
     err = config_error("algo.advantage=grop")
     assert err.field == "algo.advantage"
     assert "did you mean 'grpo'" in err.allowed
+
+
+@pytest.mark.parametrize(("overrides", "field", "words"), [
+    (["algo.overlong_buffer=4"], "algo.overlong_buffer", "max_response_len=3"),
+    (["algo.overlong_buffer=-1"], "algo.overlong_buffer", ">= 0"),
+    (["algo.overlong_penalty=-0.5"], "algo.overlong_penalty", ">= 0"),
+    (["data.eval=[]"], "trainer.eval_every", "data.eval"),
+    (["eval.k=4", "eval.ks=[8]"], "eval.ks", "[1, eval.k=4]"),
+    (["eval.temperature=0"], "eval.temperature", "> 0"),
+    (["eval.top_p=1.5"], "eval.top_p", "(0, 1]"),
+    (["eval.max_problems=0"], "eval.max_problems", ">= 1"),
+])
+def test_eval_and_overlong_fields_are_checked(overrides: list[str], field: str,
+                                              words: str) -> None:
+    err = config_error(*overrides)
+    assert err.field == field and words in str(err), str(err)
+
+
+def test_eval_reports_powers_of_two_up_to_k() -> None:
+    assert load_config(QUICKSTART, ["eval.k=12"]).eval.reported_ks() == [1, 2, 4, 8, 12]
+    assert load_config(QUICKSTART, ["eval.k=4", "eval.ks=[4,1]"]).eval.reported_ks() == [1, 4]

@@ -17,7 +17,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from megarl.data.answers import gold_answers
@@ -32,12 +31,8 @@ from megarl.data.formats import (
 from megarl.data.prompts import PromptDataset, PromptItem
 from megarl.data.toy import Prompt
 from megarl.errors import ConfigError, UserError
-from tests.unit.offline_data import DATA, needs_data
+from tests.unit.offline_data import DATA, bpe_tokenizer, needs_data
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 PROBLEMS = [
     "What is 1+1?",
     "Compute the sum of all positive divisors of 36.",
@@ -53,21 +48,7 @@ ANSWERS = ["2", "91", "40", "2", "8", "4", "\\frac{5}{6}"]
 
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
-    """A real byte-level BPE with ChatML special tokens and a BOS added to plain text."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=special,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(PROBLEMS * 20 + [BOXED_INSTRUCTION] * 20, trainer)
-    bos = tok.token_to_id("<|endoftext|>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                                   eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=CHATML)
+    return bpe_tokenizer(PROBLEMS * 20 + [BOXED_INSTRUCTION] * 20)
 
 
 def rows() -> list[dict]:
