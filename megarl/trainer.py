@@ -206,6 +206,7 @@ class Trainer:
             if len(kept) >= want:
                 break
         metrics["sampling/rounds"] = float(round_ + 1)
+        metrics["data/prompts_dropped"] = float(getattr(self.prompts, "num_dropped", 0))
         groups = (kept + dropped)[:want]
         batch = StepBatch(metrics=metrics)
         for rollouts, rewards in groups:

@@ -20,7 +20,7 @@ def quick_start_commands() -> list[str]:
 def test_readme_has_three_quick_start_commands() -> None:
     setup, main, tests = quick_start_commands()
     assert setup == "bash scripts/setup.sh"
-    assert main.startswith(".venv/bin/megarl plan examples/configs/")
+    assert main.startswith(".venv/bin/megarl train examples/configs/")
     assert (ROOT / main.split()[-1]).is_file()
     assert tests == ".venv/bin/python -m pytest -q"
 
