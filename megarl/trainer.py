@@ -96,8 +96,9 @@ class Trainer:
 
             self.evaluator = Evaluator(config, self.tokenizer, self.rewards, rank=self.rank,
                                        world=self.world)
+        # a run starting at step S (0 when fresh) drops what an earlier attempt logged after S
         self.sinks = make_sinks(config.logging, self.run_dir, config.to_dict(),
-                                resume_step=self.step if self.resumed_from else None)
+                                resume_step=self.step)
 
     # ---- the loop -----------------------------------------------------------------------------
 
