@@ -90,7 +90,7 @@ def test_eval_on_a_checkpoint_prints_tables_and_pass_at_k_is_exact(run: Path,
 
 
 def test_eval_without_benchmarks_is_a_one_line_error() -> None:
-    r = megarl("eval", QUICKSTART)
+    r = megarl("eval", QUICKSTART, "data.eval=[]", "trainer.eval_every=0")
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: data.eval is empty"), r.stderr
