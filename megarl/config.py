@@ -160,7 +160,8 @@ class ParallelConfig:
 
     ``dp`` and ``world_size`` may be left out: ``dp`` is then computed at launch from the
     world size (``resolve``). ``etp`` defaults to ``tp`` (Megatron's rule) and
-    ``sequence_parallel`` to ``tp > 1``.
+    ``sequence_parallel`` to ``tp > 1``. ``gpu_memory_gib`` is one GPU's memory as torch
+    reports its total (H100 80GB: 79.1 GiB, H200: 139.8 GiB); only ``megarl plan`` reads it.
     """
 
     tp: int = 1
@@ -172,10 +173,13 @@ class ParallelConfig:
     dp: int | None = None
     world_size: int | None = None
     sequence_parallel: bool | None = None
+    gpu_memory_gib: float = 79.1
 
     def check(self) -> None:
         for name in ("tp", "pp", "cp", "ep", "etp", "vpp", "dp", "world_size"):
             _positive(f"parallel.{name}", getattr(self, name), allow_none=True)
+        if not self.gpu_memory_gib > 0:
+            raise ConfigError("parallel.gpu_memory_gib", self.gpu_memory_gib, "must be > 0")
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel.sequence_parallel", True, "needs parallel.tp > 1")
         if self.vpp is not None and self.vpp > 1 and self.pp == 1:

