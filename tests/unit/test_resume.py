@@ -48,9 +48,10 @@ def run_to_end(root: Path) -> subprocess.CompletedProcess:
 
 
 def kill_at(root: Path, step: int) -> None:
-    """Start the run and SIGKILL it as soon as ``step`` is logged."""
+    """Start the run and SIGKILL it, with every process it started (as Slurm kills a job), as
+    soon as ``step`` is logged."""
     proc = subprocess.Popen(command(root), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     metrics = root / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 600
     try:
@@ -62,7 +63,7 @@ def kill_at(root: Path, step: int) -> None:
         else:
             raise AssertionError(f"step {step} never logged")
     finally:
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # megatron's checkpoint writer process too
         proc.wait()
 
 
