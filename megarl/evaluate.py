@@ -8,6 +8,7 @@ seeded per benchmark and engine group, so an evaluation is repeatable.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,22 +37,16 @@ def split_source(entry: str) -> tuple[str, str]:
 
 
 def load_benchmark(config: Config, tokenizer: Any, entry: str) -> Benchmark:
-    from megarl.data.toy import is_toy
+    from megarl.data.toy import ToySource, is_toy
 
     limit = config.eval.max_problems
     if is_toy(entry):
-        source = build_prompt_source(config, tokenizer, source=entry)
-        source.seed = config.trainer.seed + EVAL_SEED_OFFSET
+        source = ToySource(entry, tokenizer, config.trainer.seed + EVAL_SEED_OFFSET)
         return Benchmark(entry, source.next_batch(limit or TOY_PROBLEMS))
     source, split = split_source(entry)
     dataset = build_prompt_source(config, tokenizer, source=source, split=split,
                                   shuffle=False, field="data.eval")
-    prompts = []
-    for item in dataset:
-        if limit is not None and len(prompts) == limit:
-            break
-        prompts.append(item)
-    return Benchmark(getattr(dataset, "name", source), prompts)
+    return Benchmark(getattr(dataset, "name", source), list(itertools.islice(dataset, limit)))
 
 
 class Evaluator:

@@ -84,7 +84,7 @@ class Trainer:
                                    num_experts=self.policy.arch.num_experts)
         self.eos = int(self.tokenizer.eos_token_id)
         self.step = 0
-        self.resumed_from = self._resume()
+        self._resume()
         sync_weights(self.policy.models, self.engine, hf_config,
                      bucket_bytes=config.rollout.sync_bucket_bytes)
         if self.rank == 0:
@@ -300,19 +300,18 @@ class Trainer:
                            overwrite=True)
         return out
 
-    def _resume(self) -> Path | None:
+    def _resume(self) -> None:
         """Continue from ``checkpoint.resume``: 'auto' is the newest complete checkpoint of this
         run (none: a fresh start), a path is that checkpoint, 'never' starts afresh."""
         resume = self.config.checkpoint.resume
         if resume == "never":
-            return None
+            return
         path = latest_checkpoint(self.ckpt_dir) if resume == "auto" else Path(resume)
         if path is None:
-            return None
+            return
         state = load_checkpoint(path, self.policy)
         self.step = int(state["step"])
         self.prompts.load_state_dict(state["data"])
         if self.rank == 0:
             print(f"resuming from {path} (step {self.step})", flush=True)
-        return path
 
