@@ -3,8 +3,8 @@
 Pure Python (no torch, no megatron import), so ``megarl plan`` answers in a blink on a laptop.
 Three concerns, one section each:
 
-- ``count_params``: exact parameter counts of a Qwen3-MoE / Qwen3 / Llama HF config, split the
-  way the parallel layout shards them.
+- ``count_params``: exact parameter counts of a Qwen3-MoE / Qwen3 / Qwen2 / Llama HF config,
+  split the way the parallel layout shards them.
 - ``RankLayout``: which ranks form each TP / CP / DP / PP / EP / ETP / EDP group (megatron-core's
   ``RankGenerator`` arithmetic, order "tp-cp-ep-dp-pp"), which decoder layers each pipeline
   stage builds, which experts each EP rank holds.
@@ -54,7 +54,7 @@ class LayerParams:
 
 @dataclass(frozen=True)
 class ParamCounts:
-    """Exact parameter counts of an HF config (Qwen3-MoE, Qwen3, Llama)."""
+    """Exact parameter counts of an HF config (Qwen3-MoE, Qwen3, Qwen2, Llama)."""
 
     embedding: int  # input embedding table [vocab, hidden]
     output: int  # untied lm head [vocab, hidden]; 0 when tied to the embedding
@@ -97,8 +97,10 @@ def count_params(hf: Mapping[str, Any]) -> ParamCounts:
     h, d = a.hidden, a.head_dim
     q_rows, kv_rows = a.heads * d, a.groups * d
     attention = h * q_rows + 2 * h * kv_rows + q_rows * h  # q, k, v [rows, h]; o [h, heads*d]
-    if a.qkv_bias:  # HF's attention_bias puts a bias on o_proj too (megarl's map lacks it)
-        attention += q_rows + 2 * kv_rows + h
+    if a.qkv_bias:  # Qwen2: q, k, v only; attention_bias (Qwen3, Llama): o_proj too
+        attention += q_rows + 2 * kv_rows
+    if a.o_bias:
+        attention += h
     norms = 2 * h + (2 * d if a.qk_norm else 0)  # input/post-attention RMSNorm; q_norm, k_norm
     layers = []
     for moe in a.moe_layers:

@@ -1,4 +1,4 @@
-"""The one HF <-> Megatron parameter map (Qwen3-MoE, Qwen3, Llama), pure torch.
+"""The one HF <-> Megatron parameter map (Qwen3-MoE, Qwen3, Qwen2, Llama), pure torch.
 
 Names on the Megatron side are GLOBAL: the names of a single-rank (TP1/PP1/EP1) GPTModel, with
 global layer and expert indices. `megarl.convert.sharding` turns them into a rank's local names
@@ -28,7 +28,7 @@ from megarl.errors import UserError
 
 Scheme = Literal["local", "te"]
 Kind = Literal["copy", "qkv", "gated"]
-SUPPORTED = ("qwen3_moe", "qwen3", "llama")
+SUPPORTED = ("qwen3_moe", "qwen3", "qwen2", "llama")
 
 
 class ConversionError(UserError):
@@ -57,7 +57,8 @@ class Architecture:
     moe_layers: tuple[bool, ...]
     tie_embeddings: bool
     qk_norm: bool
-    qkv_bias: bool
+    qkv_bias: bool  # biases on q, k, v (Qwen2 always; Qwen3 / Llama with attention_bias)
+    o_bias: bool  # a bias on o_proj (Qwen3 / Llama attention_bias; megatron cannot hold it alone)
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> Architecture:
@@ -86,8 +87,18 @@ class Architecture:
             moe_layers=moe,
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qk_norm=model_type in ("qwen3", "qwen3_moe"),
-            qkv_bias=bool(hf.get("attention_bias", False)),
+            qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+            o_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
         )
+
+    def check_convertible(self) -> None:
+        """Raise for an architecture megatron's GPT layers cannot hold exactly."""
+        if self.o_bias:
+            raise ConversionError(
+                f"config.json attention_bias=true ({self.model_type}): the bias it puts on "
+                "o_proj has no megatron counterpart without biases on every MLP too; "
+                "only Qwen2's q/k/v-only biases are supported"
+            )
 
 
 @dataclass(frozen=True)
@@ -145,6 +156,7 @@ class TensorMap:
 
 def tensor_maps(arch: Architecture, scheme: Scheme = "local") -> Iterator[TensorMap]:
     """Every Megatron tensor of the model in order (embeddings, layers, final norm, output)."""
+    arch.check_convertible()
     h, d = arch.hidden, arch.head_dim
     yield TensorMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "copy",
                     (arch.vocab, h))

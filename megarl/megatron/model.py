@@ -97,6 +97,16 @@ def transformer_config_from_hf(
         )
     architecture(hf)  # validates the rope and vocabulary fields GPTModel will need
     arch = Architecture.from_hf(hf)  # the numbers the weight map uses too
+    if arch.o_bias:
+        raise ConfigError(
+            "model.hf_config.attention_bias", True, f"{model_type} with attention_bias puts a "
+            "bias on o_proj, which megatron cannot hold without MLP biases; not supported"
+        )
+    if hf.get("use_sliding_window"):
+        raise ConfigError(
+            "model.hf_config.use_sliding_window", True, "sliding-window attention is not "
+            "supported; set it to false (Qwen2 checkpoints ship it off)"
+        )
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError("model.hf_config.hidden_act", hf.get("hidden_act"), "supported: silu")
     if dtype not in _DTYPES:

@@ -1,6 +1,6 @@
 """HF <-> Megatron conversion checks, run inside the launches of tests/distributed/layouts.py.
 
-For a tiny transformers checkpoint (Qwen3-MoE, Qwen3 dense, Llama) and a layout:
+For a tiny transformers checkpoint (Qwen3-MoE, Qwen3 dense, Qwen2, Llama) and a layout:
 - HF -> Megatron (live load): Megatron logits equal transformers' logits (fp32, 1e-5);
 - Megatron -> HF (streamed export): every tensor is bit-identical to the source checkpoint;
 - Megatron(previous layout of the launch) -> HF dir -> Megatron(this layout): identical logits.
@@ -44,6 +44,12 @@ TINY_HF: dict[str, dict[str, Any]] = {
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "max_position_embeddings": 64, "tie_word_embeddings": False, "initializer_range": 0.1,
     },
+    "qwen2": {  # q/k/v biases (DeepSeek-R1-Distill-Qwen), no qk-norm
+        "model_type": "qwen2", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 64, "tie_word_embeddings": False, "initializer_range": 0.1,
+        "use_sliding_window": False,
+    },
 }  # fmt: skip
 LAYOUTS = {
     "1": {}, "tp2": {"tp": 2}, "pp2": {"pp": 2}, "ep2": {"ep": 2}, "tp2ep2": {"tp": 2, "ep": 2},
@@ -53,7 +59,8 @@ TOL = 1e-5
 
 
 def write_tiny_checkpoints(root: Path) -> None:
-    """One transformers checkpoint per model type, with non-trivial norm weights."""
+    """One transformers checkpoint per model type, with non-trivial norm weights and biases
+    (transformers initialises biases to zero, which would hide a misplaced bias)."""
     import transformers
 
     for model_type, config in TINY_HF.items():
@@ -64,6 +71,8 @@ def write_tiny_checkpoints(root: Path) -> None:
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.copy_(1.0 + 0.1 * torch.randn_like(p))
+                elif name.endswith(".bias"):
+                    p.copy_(0.5 * torch.randn_like(p))
         model.save_pretrained(root / model_type)
 
 

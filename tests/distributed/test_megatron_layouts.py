@@ -20,7 +20,7 @@ import pytest
 
 SCRIPT = Path(__file__).with_name("layouts.py")
 CASES = Path(__file__).with_name("conversion_cases.py")
-MODELS = ("qwen3_moe", "qwen3", "llama")
+MODELS = ("qwen3_moe", "qwen3", "qwen2", "llama")
 LOSSES = ("dapo-token-mean", "grpo-seq-mean", "gspo", "up_gspo")
 LAUNCHES = {
     2: ("tp2", "pp2", "pp2vpp2", "ep2", "dp2", "cp2loss"),
@@ -30,9 +30,10 @@ LAUNCHES = {
 # HF <-> Megatron conversion (tests/distributed/conversion_cases.py), in the same launches;
 # consecutive cases of one model also check Megatron(previous layout) -> HF -> Megatron(this).
 CONVERSIONS = {
-    1: ("convert-qwen3_moe-1", "convert-qwen3-1", "convert-llama-1"),
+    1: ("convert-qwen3_moe-1", "convert-qwen3-1", "convert-qwen2-1", "convert-llama-1"),
     2: ("convert-qwen3_moe-tp2", "convert-qwen3_moe-pp2", "convert-qwen3_moe-ep2",
-        "convert-qwen3-tp2", "convert-qwen3-pp2", "convert-llama-tp2", "convert-llama-pp2"),
+        "convert-qwen3-tp2", "convert-qwen3-pp2", "convert-qwen2-tp2", "convert-llama-tp2",
+        "convert-llama-pp2"),
     4: ("convert-qwen3_moe-tp2", "convert-qwen3_moe-tp2ep2", "convert-qwen3-pp2",
         "convert-qwen3-tp2pp2", "convert-llama-tp2pp2"),
     8: ("convert-qwen3_moe-tp2pp2ep2",),
@@ -65,8 +66,8 @@ def _assert_cases(output: str, layouts: tuple[str, ...], losses: tuple[str, ...]
 @pytest.fixture(scope="module")
 def offline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """Tiny transformers checkpoints (Qwen3-MoE: 8 experts top-2, GQA 4:1, qk-norm; Qwen3
-    dense with tied embeddings; Llama), each converted offline to a megatron distributed
-    checkpoint ``dist-<model>`` and back to HF."""
+    dense with tied embeddings; Qwen2 with q/k/v biases; Llama), each converted offline to a
+    megatron distributed checkpoint ``dist-<model>`` and back to HF."""
     from tests.distributed.conversion_cases import write_tiny_checkpoints
 
     root = tmp_path_factory.mktemp("hf")

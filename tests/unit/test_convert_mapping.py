@@ -36,6 +36,11 @@ TINY = {
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "max_position_embeddings": 64, "tie_word_embeddings": False,
     },
+    "qwen2": {
+        "model_type": "qwen2", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 64, "tie_word_embeddings": False,
+    },
 }  # fmt: skip
 
 
@@ -217,3 +222,15 @@ def test_wrongly_shaped_or_duplicated_tensor_fails_naming_it(moe_saved, tmp_path
     save_file({n: t.contiguous() for n, t in first.items()}, str(dup / "b.safetensors"))
     with pytest.raises(ConversionError, match="is in both a.safetensors and b.safetensors"):
         HFCheckpoint(dup)
+
+
+def test_qwen2_maps_its_qkv_biases_and_attention_bias_on_o_proj_is_refused() -> None:
+    arch = Architecture.from_hf(TINY["qwen2"])
+    assert arch.qkv_bias and not arch.o_bias and not arch.qk_norm
+    names = {n for tm in tensor_maps(arch) for n in tm.hf}
+    assert "model.layers.1.self_attn.k_proj.bias" in names
+    assert not any(n.endswith("o_proj.bias") for n in names)
+    with_o_bias = Architecture.from_hf({**TINY["llama"], "attention_bias": True})
+    assert with_o_bias.o_bias
+    with pytest.raises(ConversionError, match="attention_bias=true.*o_proj"):
+        list(tensor_maps(with_o_bias))

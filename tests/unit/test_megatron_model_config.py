@@ -79,9 +79,22 @@ def test_dense_qwen3_and_llama() -> None:
     assert (arch.rotary_base, arch.rope_scaling_factor) == (500000.0, 32.0)
 
 
+def test_qwen2_has_qkv_biases_and_no_qk_norm() -> None:
+    """DeepSeek-R1-Distill-Qwen (the DGPO and BAPO papers' models) are Qwen2."""
+    qwen2 = {**LLAMA, "model_type": "qwen2", "rope_scaling": None, "rope_theta": 10000.0,
+             "use_sliding_window": False}
+    qwen2.pop("attention_bias")
+    cfg = transformer_config_from_hf(qwen2, ParallelConfig(), use_transformer_engine=False)
+    assert cfg.add_qkv_bias and not cfg.add_bias_linear and not cfg.qk_layernorm
+
+
 @pytest.mark.parametrize(
     ("hf", "parallel", "kwargs", "field"),
     [
+        ({**LLAMA, "attention_bias": True}, ParallelConfig(), {},
+         "model.hf_config.attention_bias"),
+        ({**QWEN3_DENSE, "model_type": "qwen2", "use_sliding_window": True}, ParallelConfig(),
+         {}, "model.hf_config.use_sliding_window"),
         ({**QWEN3_30B_A3B, "model_type": "mixtral"}, ParallelConfig(), {},
          "model.hf_config.model_type"),
         ({**QWEN3_30B_A3B, "hidden_act": "gelu"}, ParallelConfig(), {},

@@ -61,7 +61,7 @@ def test_qwen3_30b_a3b_total_equals_transformers_numel_on_meta() -> None:
     assert n.active == total - 48 * (128 - 8) * one_expert
 
 
-@pytest.mark.parametrize("variant", ["qwen3_moe", "qwen3", "llama", "llama_tied_bias"])
+@pytest.mark.parametrize("variant", ["qwen3_moe", "qwen3", "qwen2", "llama", "llama_tied_bias"])
 def test_tiny_counts_equal_transformers_numel(variant: str) -> None:
     """The quickstart's tiny Qwen3-MoE (and dense Qwen3 / Llama variants of it) built on CPU."""
     hf = dict(load_config(QUICKSTART).model.known_config())
@@ -70,8 +70,8 @@ def test_tiny_counts_equal_transformers_numel(variant: str) -> None:
                     "norm_topk_prob"):
             hf.pop(key)
         hf.update(model_type=variant.split("_")[0],
-                  architectures=["Qwen3ForCausalLM" if variant == "qwen3" else
-                                 "LlamaForCausalLM"])
+                  architectures=[{"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+                                 .get(variant, "LlamaForCausalLM")])
     if variant == "llama_tied_bias":
         hf.update(tie_word_embeddings=True, attention_bias=True)
     if variant == "qwen3_moe":
