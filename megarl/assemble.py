@@ -32,7 +32,9 @@ def build_tokenizer(config: Config) -> Any:
 def build_prompt_source(config: Config, tokenizer: Any, source: str | None = None,
                         split: str | None = None, *, shuffle: bool | None = None,
                         field: str = "data.train") -> Any:  # fmt: skip
-    """The training prompts (or `source`'s): ``next_batch(n)``, ``state_dict()``."""
+    """The training prompts (or `source`'s): ``next_batch(n)``, ``state_dict()``.
+    ``data.train_filter`` applies to the training prompts only."""
+    where = config.data.train_filter if source is None else None
     source = source or config.data.train
     if is_toy(source):
         return ToySource(source, tokenizer, config.trainer.seed)
@@ -44,7 +46,7 @@ def build_prompt_source(config: Config, tokenizer: Any, source: str | None = Non
                          max_prompt_len=config.rollout.max_prompt_len,
                          seed=config.trainer.seed,
                          shuffle=config.data.shuffle if shuffle is None else shuffle,
-                         field=field)
+                         field=field, where=where)
 
 
 class Rewards:

@@ -392,11 +392,22 @@ class DataConfig:
     reward: Literal["math", "exact"] = "math"
     reward_workers: int = 4
     shuffle: bool = True
+    # Keep only the data.train rows whose column (a dotted key reaches a nested one) holds one of
+    # the listed values, e.g. MATH levels 3-5: {level: [Level 3, Level 4, Level 5]}; {} keeps
+    # every row. Benchmarks (data.eval) are never filtered.
+    train_filter: dict[str, list[str | int]] = field(default_factory=dict)
 
     def check(self) -> None:
         if not self.train:
             raise ConfigError("data.train", self.train, "must name a dataset")
         _positive("data.reward_workers", self.reward_workers)
+        for column, values in self.train_filter.items():
+            if not column or not values:
+                raise ConfigError(f"data.train_filter.{column}", values,
+                                  "list the values to keep (at least one)")
+        if self.train_filter and self.train.startswith("toy:"):
+            raise ConfigError("data.train_filter", self.train_filter,
+                              f"filters dataset rows; the toy task {self.train} has none")
 
 
 @dataclass

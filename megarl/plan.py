@@ -199,8 +199,9 @@ def _rollout(c: Config) -> list[tuple[str, str]]:
 
 def _data(c: Config) -> list[tuple[str, str]]:
     d, lg = c.data, c.logging
+    kept = "; ".join(f"{k} in {v}" for k, v in d.train_filter.items())
     return [
-        ("train data", d.train),
+        ("train data", d.train + (f" (rows with {kept})" if kept else "")),
         ("eval data", ", ".join(d.eval) or "none"),
         ("reward", d.reward),
         ("metrics", ", ".join(lg.sinks) or "none"),

@@ -17,7 +17,7 @@ state, and a dataset restored from :meth:`PromptDataset.state_dict` yields the s
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -65,7 +65,9 @@ class PromptDataset:
     prompt; ``"plain"`` tokenises the text as is, with the tokenizer's special tokens (BOS).
     Prompts longer than ``max_prompt_len`` tokens are dropped and counted in ``num_dropped``.
     ``format`` names a known format when the source's name does not tell it; ``field`` names
-    the config field the source came from, for error messages.
+    the config field the source came from, for error messages. ``where`` (``data.train_filter``)
+    keeps only the rows whose column holds one of the listed values; ``index`` then counts rows
+    of the filtered dataset.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class PromptDataset:
         instruction: str | None = None,
         format: str | None = None,
         field: str = "data.train",
+        where: Mapping[str, Sequence[Any]] | None = None,
     ) -> None:
         if template not in ("chat", "plain"):
             raise ConfigError("data.template", template, "must be 'chat' or 'plain'")
@@ -110,6 +113,8 @@ class PromptDataset:
         rows = load_rows(source, split, field=field, fmt=fmt)
         check_key(rows, self.prompt_key, "data.prompt_key", source)
         check_key(rows, self.answer_key, "data.answer_key", source)
+        if where:
+            rows = filter_rows(rows, where, source)
         tops = {_top(rows, self.prompt_key), _top(rows, self.answer_key)}
         self._rows = rows.select_columns(sorted(tops))
 
@@ -298,6 +303,29 @@ def check_key(rows: datasets.Dataset, key: str, field: str, source: str) -> None
             raise ConfigError(field, key, f"not found in {source} ({have}); set {field}")
         node = node[part]
         seen.append(part)
+
+
+def filter_rows(rows: datasets.Dataset, where: Mapping[str, Sequence[Any]],
+                source: str) -> datasets.Dataset:
+    """The rows whose column ``key`` holds one of ``where[key]``, for every key
+    (``data.train_filter``); ConfigError when a column is missing or nothing is left."""
+    for key in where:
+        check_key(rows, key, "data.train_filter", source)
+    allowed = {key: list(values) for key, values in where.items()}
+    columns = rows.select_columns(sorted({_top(rows, key) for key in where}))
+    keep: list[int] = []
+    index = 0
+    for batch in columns.iter(batch_size=_COUNT_CHUNK):
+        for values in zip(*batch.values(), strict=True):
+            row = dict(zip(batch, values, strict=True))
+            if all(_get(row, key) in wanted for key, wanted in allowed.items()):
+                keep.append(index)
+            index += 1
+    if not keep:
+        raise ConfigError("data.train_filter", dict(where),
+                          f"keeps none of the {index} rows of {source}")
+    # in memory: an indices file next to a read-only dataset on disk could not be written
+    return rows.select(keep, keep_in_memory=True)
 
 
 def prompt_text(value: Any, key: str = "prompt") -> str:

