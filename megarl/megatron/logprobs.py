@@ -106,11 +106,13 @@ def _fused() -> ModuleType | None:
 
 
 def _resolve_impl(impl: str, hidden: Tensor) -> str:
-    """"auto" -> "triton" for CUDA tensors when triton imports, else "torch"."""
+    """"auto" -> "triton" for CUDA bf16 / fp16 / fp32 tensors when triton imports, else
+    "torch"."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        impl = "triton" if hidden.is_cuda and _fused() is not None else "torch"
+        kernel_dtype = hidden.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        impl = "triton" if hidden.is_cuda and kernel_dtype and _fused() is not None else "torch"
     if impl == "triton":
         fused = _fused()
         if fused is None:
