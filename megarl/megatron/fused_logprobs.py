@@ -101,8 +101,11 @@ def _forward_kernel(
 ):  # fmt: skip
     """Per (token block, vocab range): partial ``m, s, S, z_y`` of every token, see the module
     docstring. ``n_bucket`` only keys the autotuner."""
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
+    # The split is the fastest grid axis: the programs resident at once cover a few token blocks
+    # x all the vocab ranges, so each one's h rows stay in L2 while it sweeps its range, and
+    # the programs of one range (same W tiles at about the same time) share W through L2.
+    split = tl.program_id(0)
+    pid_n = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     # Rows past N repeat in-bounds rows (finite values everywhere); only stores are masked.
@@ -246,7 +249,8 @@ def _flags(weight: Tensor) -> dict:
 
 def _num_splits(n: int, v: int, device: torch.device) -> int:
     """Vocab ranges per token block: enough programs for ~8 waves over the SMs (with 128-token
-    blocks), so the last, partial wave costs little, and at most one range per 128 columns."""
+    blocks), so the last, partial wave costs little, and at most one range per 128 columns.
+    (16k tokens, 132 SMs: 9 ranges of ~17k columns; 4k tokens: 33 ranges.)"""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
@@ -283,10 +287,10 @@ def local_partials(
     flags = {"WITH_ENTROPY": with_entropy, **_flags(weight)}
     if interpreting():
         blocks = INTERPRET_BLOCKS
-        grid = (triton.cdiv(n, blocks["BLOCK_N"]), n_splits)
+        grid = (n_splits, triton.cdiv(n, blocks["BLOCK_N"]))
         _forward_heuristic[grid](*args, **flags, **blocks)
     else:
-        _forward_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), n_splits)](*args, **flags)
+        _forward_tuned[lambda meta: (n_splits, triton.cdiv(n, meta["BLOCK_N"]))](*args, **flags)
     return part
 
 

@@ -5,8 +5,9 @@ Here (CPU) the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``) i
 (tests/unit/fused_interpreter_cases.py): values and gradients w.r.t. hidden states and weight,
 temperatures != 1, one and several backward vocab chunks, padded tiles, one output unused,
 bf16 inputs, the kernel's raw partials on each half of the vocabulary (rank r of 2, labels
-outside the shard), and two gloo tensor-parallel ranks. The ``gpu`` tests compile the kernels
-(autotuned, bf16 tensor cores) and run where CUDA is visible.
+outside the shard), and two gloo tensor-parallel ranks. Both kernels are also compiled for sm_90
+(H100) with the ptxas Triton ships, which needs no GPU. The ``gpu`` tests run the compiled,
+autotuned kernels where CUDA is visible.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 from megarl.megatron import fused_logprobs
 from megarl.megatron.logprobs import LogProbContext, vocab_parallel_logprobs
@@ -143,6 +145,52 @@ def test_scratch_width_bounds_the_backward_scratch():
             assert width % 128 == 0
     assert fused_logprobs.scratch_width(1000, v, chunk_size=1024) == v  # one chunk
     assert fused_logprobs.scratch_width(4096, 40, chunk_size=1) == 16
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled for Hopper without a GPU (Triton's code generator and the ptxas it ships)
+
+
+def _hopper_compile(fn, dtype: str, config):
+    """Compile `fn` for sm_90 with `config`'s blocks, as a launch with contiguous 16-aligned
+    tensors would specialise it (unit strides constant, pointers and sizes divisible by 16)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptr_types = {"h_ptr": dtype, "w_ptr": dtype, "dz_ptr": dtype, "y_ptr": "i32"}
+    const = {"stride_hk": 1, "stride_wk": 1, "UPCAST": False, "IEEE": dtype == "fp32",
+             "EVEN_K": True, "WITH_ENTROPY": True, "HAS_G_LOGP": True, "HAS_G_ENT": True,
+             **config.kwargs}  # fmt: skip
+    sig, attrs = {}, {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr or p.name in ("stride_hk", "stride_wk"):
+            sig[p.name] = "constexpr"
+        elif p.name.endswith("_ptr"):
+            sig[p.name] = "*" + ptr_types.get(p.name, "fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif p.name == "inv_t":
+            sig[p.name] = "fp32"
+        else:
+            sig[p.name] = "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    const = {k: v for k, v in const.items() if sig.get(k) == "constexpr"}
+    src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_kernels_compile_for_hopper(dtype):
+    """Both kernels lower to sm_90 code (the tensor-core wgmma path for bf16) within the shared
+    memory of one SM, for the first autotuning config (128 x 128 x 64, 8 warps, 3 stages)."""
+    pytest.importorskip("triton.backends.nvidia")
+    config = fused_logprobs._configs(group=True)[0]
+    for fn in (fused_logprobs._forward_kernel, fused_logprobs._dlogits_kernel):
+        kernel = _hopper_compile(fn, dtype, config)
+        assert kernel.metadata.shared <= 227 * 1024
+        if dtype == "bf16":
+            assert "wgmma.mma_async" in kernel.asm["ptx"], fn.__name__
 
 
 # ---------------------------------------------------------------------------------------------
