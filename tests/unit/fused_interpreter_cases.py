@@ -39,6 +39,9 @@ CASES = {
                               logp_weight=0.0),
     "bf16_t07": dict(n=37, vocab=40, hidden=32, temperature=0.7, chunk_size=5,
                      dtype=torch.bfloat16),
+    # hidden states a column slice of a wider tensor (row stride 40, not 24)
+    "fp32_strided_hidden": dict(n=19, vocab=40, hidden=24, temperature=0.7, chunk_size=5,
+                                strided=True),
 }  # fmt: skip
 SEEDS = {name: 10 + i for i, name in enumerate(CASES)}
 
@@ -66,7 +69,17 @@ def run_case(name: str, out_dir: Path) -> None:
     h, w, labels, a, b = case_data(name)
     dtype = c.get("dtype", torch.float32)
     with_entropy = c.get("with_entropy", True)
-    if c.get("logp_weight", 1.0) == 0.0:  # the loss uses only the entropy: g_logp is None
+    if c.get("strided"):
+        wide = torch.zeros(c["n"], c["hidden"] + 16, dtype=dtype)
+        wide[:, : c["hidden"]] = h
+        wide.requires_grad_(True)
+        wl = w.to(dtype).requires_grad_(True)
+        view = wide[:, : c["hidden"]]
+        assert not view.is_contiguous()
+        logp, ent = fused_call(view, wl, labels, c)
+        ((a.float() * logp).sum() + (b.float() * ent).sum()).backward()
+        got = (logp.detach(), ent.detach(), wide.grad[:, : c["hidden"]], wl.grad)
+    elif c.get("logp_weight", 1.0) == 0.0:  # the loss uses only the entropy: g_logp is None
         hl = h.to(dtype).requires_grad_(True)
         wl = w.to(dtype).requires_grad_(True)
         logp, ent = fused_call(hl, wl, labels, c)
