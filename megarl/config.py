@@ -67,6 +67,10 @@ class ModelConfig:
     routing_replay: ReplayMode | bool | None = None  # None = "r3" for MoE models, else "off"
     transformer_engine: bool | None = None  # None = use the TE spec when it imports
     recompute: Literal["none", "selective", "full"] = "none"
+    # log-probs and entropy of the sampled tokens: "torch" (chunked, tested on CPU and in the
+    # layout suites), "triton" (fused kernels, CUDA; not yet run on a GPU, see
+    # benchmarks/README.md), "auto" (triton on CUDA, torch elsewhere)
+    logprob_kernel: Literal["torch", "triton", "auto"] = "torch"
 
     def check(self) -> None:
         if self.name_or_path is None and not self.hf_config:

@@ -28,12 +28,28 @@ Backward saves only ``h, W, y`` and per token the fp32 ``m``, ``log s`` (``lse``
 Temperature is applied as the rollout engine applies it: vLLM's processed log-probs are
 ``log_softmax(logits / T)`` computed in fp32, which is ``logp`` above. Labels outside
 ``[0, V)`` are owned by no rank and give ``logp = -lse`` (meaningless): mask such positions.
+
+Two implementations of the same function (``impl``; ``"auto"`` picks Triton for CUDA tensors
+when triton imports, the torch path otherwise):
+
+* ``"torch"``: token chunks of ``c``; each chunk's fp32 logits ``[c, V/tp]`` are materialised
+  (from the matmul in the inputs' dtype) and reduced with torch ops, in forward and again in
+  backward.
+* ``"triton"`` (`megarl.megatron.fused_logprobs`): the logits are never materialised. Forward is
+  one kernel producing per-token partial ``(m, s, S, z_y)`` from fp32 ``tl.dot`` accumulators
+  (an online softmax over vocab blocks); the merge across vocab ranges and TP ranks is the same
+  MAX / SUM all-reduce as above, over all tokens at once. Backward recomputes the logits tile by
+  tile, writes ``dz / T`` for a chunk of vocab columns into a ``[N, w]`` scratch of about
+  ``chunk_size * V/tp`` elements (the torch path's per-chunk size), and finishes with two
+  matmuls per chunk (``dW`` rows written once, ``dh`` summed in fp32).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -41,6 +57,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
+    "IMPLS",
     "LogProbContext",
     "logprob_entropy_output_processor",
     "vocab_parallel_logprobs",
@@ -69,8 +86,133 @@ def _local_targets(labels: Tensor, vocab_start: int, vocab_local: int) -> tuple[
     return local.clamp(0, vocab_local - 1), owned
 
 
-class _ChunkedVocabParallelLogProbEntropy(torch.autograd.Function):
-    """Fused ``linear -> log_softmax -> (log p(y), entropy)`` over vocab shards, token-chunked."""
+def _kernel_targets(labels: Tensor, vocab_start: int, vocab_local: int) -> Tensor:
+    """int32 column of each label in this shard, -1 where this rank does not own it."""
+    local, owned = _local_targets(labels, vocab_start, vocab_local)
+    return torch.where(owned, local, -1).to(torch.int32)
+
+
+IMPLS = ("auto", "torch", "triton")
+
+
+@functools.cache
+def _fused() -> ModuleType | None:
+    """`megarl.megatron.fused_logprobs`, or None where triton does not import."""
+    try:
+        from megarl.megatron import fused_logprobs
+    except ImportError:
+        return None
+    return fused_logprobs
+
+
+def _resolve_impl(impl: str, hidden: Tensor) -> str:
+    """"auto" -> "triton" for CUDA bf16 / fp16 / fp32 tensors when triton imports, else
+    "torch"."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        kernel_dtype = hidden.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        impl = "triton" if hidden.is_cuda and kernel_dtype and _fused() is not None else "torch"
+    if impl == "triton":
+        fused = _fused()
+        if fused is None:
+            raise ValueError("impl='triton' needs triton, which does not import here")
+        if not (hidden.is_cuda or fused.interpreting()):
+            raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    if hidden.numel() == 0:  # no tokens: nothing to launch
+        return "torch"
+    return impl
+
+
+def _finish(m: Tensor, packed: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(log s, logp, entropy or None) from the global max `m` and the summed ``[s, z_y, S]``
+    (`packed`; S only with entropy)."""
+    log_s = packed[0].log()
+    logp = (packed[1] - m) - log_s
+    # H = lse - E[z] = log s - E[z - m]: no cancellation between two large numbers.
+    entropy = log_s - packed[2] / packed[0] if with_entropy else None
+    return log_s, logp, entropy
+
+
+def _fused_forward(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    temperature: float,
+    tp_group: dist.ProcessGroup | None,
+    vocab_start: int,
+    with_entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Triton forward: (row_max, log_sum, logp, entropy or None) for all tokens at once."""
+    targets = _kernel_targets(labels, vocab_start, weight.shape[0])
+    part = _fused().local_partials(hidden, weight, targets, temperature, with_entropy)
+    m_p, s_p, ent_p, z_y_p = part.unbind(0)  # each [n_splits, N]
+    m = m_p.amax(dim=0)
+    if _group_size(tp_group) > 1:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
+    # Rescale every range's sums to the global max (empty ranges have m_p = -1e30, s_p = 0).
+    shift = m_p - m
+    scale = shift.exp()
+    stats = [(scale * s_p).sum(dim=0), z_y_p.sum(dim=0)]
+    if with_entropy:
+        stats.append((scale * (ent_p + s_p * shift)).sum(dim=0))
+    packed = torch.stack(stats)
+    if _group_size(tp_group) > 1:
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
+    log_s, logp, entropy = _finish(m, packed, with_entropy)
+    return m, log_s, logp, entropy
+
+
+def _torch_forward(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    temperature: float,
+    chunk_size: int,
+    tp_group: dist.ProcessGroup | None,
+    vocab_start: int,
+    with_entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Torch forward, token chunk by chunk: (row_max, log_sum, logp, entropy; zeros without)."""
+    n = hidden.shape[0]
+    vocab_local = weight.shape[0]
+    distributed = _group_size(tp_group) > 1
+    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    entropy = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    # lse = m + log s is kept as its two fp32 parts: z - m is exact where it matters (z near
+    # the max) and log s <= log V is small, so log p = (z - m) - log s loses no precision.
+    row_max = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    log_sum = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        z = _chunk_logits(hidden[start:end], weight, temperature)
+        m = z.amax(dim=-1)
+        if distributed:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
+        local, owned = _local_targets(labels[start:end], vocab_start, vocab_local)
+        z_y = z.gather(1, local.unsqueeze(1)).squeeze(1).masked_fill_(~owned, 0.0)
+        z.sub_(m.unsqueeze(1))  # z - m <= 0 from here on
+        e = z.exp()
+        # One SUM all-reduce per chunk for [s, z_y, sum_v e_v (z_v - m)].
+        stats = [e.sum(dim=-1), z_y]
+        if with_entropy:
+            stats.append(e.mul_(z).sum(dim=-1))
+        del e, z
+        packed = torch.stack(stats)
+        if distributed:
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
+        log_s, lp, ent = _finish(m, packed, with_entropy)
+        row_max[start:end] = m
+        log_sum[start:end] = log_s
+        logp[start:end] = lp
+        if with_entropy:
+            entropy[start:end] = ent
+    return row_max, log_sum, logp, entropy
+
+
+class _VocabParallelLogProbEntropy(torch.autograd.Function):
+    """Fused ``linear -> log_softmax -> (log p(y), entropy)`` over vocab shards: the torch path
+    (token chunks) or the Triton kernels (`impl`, already resolved to "torch" or "triton")."""
 
     @staticmethod
     def forward(
@@ -83,42 +225,19 @@ class _ChunkedVocabParallelLogProbEntropy(torch.autograd.Function):
         tp_group: dist.ProcessGroup | None,
         vocab_start: int,
         with_entropy: bool,
+        impl: str,
     ) -> tuple[Tensor, Tensor]:
-        n = hidden.shape[0]
-        vocab_local = weight.shape[0]
-        distributed = _group_size(tp_group) > 1
-        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        entropy = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-        # lse = m + log s is kept as its two fp32 parts: z - m is exact where it matters (z near
-        # the max) and log s <= log V is small, so log p = (z - m) - log s loses no precision.
-        row_max = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        log_sum = torch.empty(n, dtype=torch.float32, device=hidden.device)
-
-        for start in range(0, n, chunk_size):
-            end = min(start + chunk_size, n)
-            z = _chunk_logits(hidden[start:end], weight, temperature)
-            m = z.amax(dim=-1)
-            if distributed:
-                dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
-            local, owned = _local_targets(labels[start:end], vocab_start, vocab_local)
-            z_y = z.gather(1, local.unsqueeze(1)).squeeze(1).masked_fill_(~owned, 0.0)
-            z.sub_(m.unsqueeze(1))  # z - m <= 0 from here on
-            e = z.exp()
-            # One SUM all-reduce per chunk for [s, z_y, sum_v e_v (z_v - m)].
-            stats = [e.sum(dim=-1), z_y]
-            if with_entropy:
-                stats.append(e.mul_(z).sum(dim=-1))
-            del e, z
-            packed = torch.stack(stats)
-            if distributed:
-                dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
-            log_s = packed[0].log()
-            row_max[start:end] = m
-            log_sum[start:end] = log_s
-            logp[start:end] = (packed[1] - m) - log_s
-            if with_entropy:
-                # H = lse - E[z] = log s - E[z - m]: no cancellation between two large numbers.
-                entropy[start:end] = log_s - packed[2] / packed[0]
+        if impl == "triton":
+            row_max, log_sum, logp, entropy = _fused_forward(
+                hidden, weight, labels, temperature, tp_group, vocab_start, with_entropy
+            )
+            if entropy is None:
+                entropy = torch.zeros_like(logp)
+        else:
+            row_max, log_sum, logp, entropy = _torch_forward(
+                hidden, weight, labels, temperature, chunk_size, tp_group, vocab_start,
+                with_entropy,
+            )  # fmt: skip
 
         ctx.save_for_backward(hidden, weight, labels, row_max, log_sum, entropy)
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
@@ -126,6 +245,7 @@ class _ChunkedVocabParallelLogProbEntropy(torch.autograd.Function):
         ctx.chunk_size = chunk_size
         ctx.vocab_start = vocab_start
         ctx.with_entropy = with_entropy
+        ctx.impl = impl
         if not with_entropy:
             ctx.mark_non_differentiable(entropy)
         return logp, entropy
@@ -136,7 +256,7 @@ class _ChunkedVocabParallelLogProbEntropy(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         hidden, weight, labels, row_max, log_sum, entropy = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        nones = (None,) * 6
+        nones = (None,) * 7
         if not ctx.with_entropy:
             g_entropy = None
         if (g_logp is None and g_entropy is None) or not (need_hidden or need_weight):
@@ -144,6 +264,13 @@ class _ChunkedVocabParallelLogProbEntropy(torch.autograd.Function):
 
         n = hidden.shape[0]
         vocab_local = weight.shape[0]
+        if ctx.impl == "triton":
+            grad_hidden, grad_weight = _fused().backward(
+                hidden, weight, _kernel_targets(labels, ctx.vocab_start, vocab_local),
+                row_max, log_sum, entropy, g_logp, g_entropy, ctx.temperature,
+                need_hidden, need_weight, ctx.chunk_size,
+            )  # fmt: skip
+            return (grad_hidden, grad_weight, *nones)
         inv_t = 1.0 / ctx.temperature
         grad_hidden = (
             torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
@@ -204,6 +331,7 @@ def vocab_parallel_logprobs(
     tp_group: dist.ProcessGroup | None = None,
     vocab_start: int | None = None,
     with_entropy: bool = True,
+    impl: str = "auto",
 ) -> tuple[Tensor, Tensor | None]:
     """fp32 ``(log p(labels), entropy)`` of ``softmax((hidden @ W^T) / T)`` over the full vocab.
 
@@ -211,7 +339,8 @@ def vocab_parallel_logprobs(
     ``[V/tp, H]`` starting at `vocab_start` (default ``tp_rank * V/tp``). The gradient returned
     for `hidden` is this rank's partial sum over its vocab shard: sum it over `tp_group` (e.g.
     with megatron's ``copy_to_tensor_model_parallel_region`` before the call). Entropy is None
-    when `with_entropy` is False.
+    when `with_entropy` is False. `impl` is "auto" (Triton kernels for CUDA tensors when triton
+    imports, else the torch path), "torch" or "triton" (see the module docstring).
     """
     if not temperature > 0 or not math.isfinite(temperature):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
@@ -231,12 +360,13 @@ def vocab_parallel_logprobs(
         raise ValueError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integer token ids, got {labels.dtype}")
+    impl = _resolve_impl(impl, hidden)
     if vocab_start is None:
         rank = dist.get_rank(tp_group) if _group_size(tp_group) > 1 else 0
         vocab_start = rank * weight.shape[0]
 
     lead = labels.shape
-    logp, entropy = _ChunkedVocabParallelLogProbEntropy.apply(
+    logp, entropy = _VocabParallelLogProbEntropy.apply(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
         labels.reshape(-1).long(),
@@ -245,6 +375,7 @@ def vocab_parallel_logprobs(
         tp_group,
         int(vocab_start),
         bool(with_entropy),
+        impl,
     )
     return logp.view(lead), (entropy.view(lead) if with_entropy else None)
 
@@ -256,6 +387,7 @@ class LogProbContext:
     temperature: float = 1.0
     chunk_size: int = 1024
     with_entropy: bool = True
+    impl: str = "auto"  # "auto" | "torch" | "triton", see vocab_parallel_logprobs
 
 
 def logprob_entropy_output_processor(
@@ -325,6 +457,7 @@ def logprob_entropy_output_processor(
         tp_group=tp_group if tp_size > 1 else None,
         vocab_start=vocab_start,
         with_entropy=ctx.with_entropy,
+        impl=ctx.impl,
     )
     if entropy is None:
         entropy = torch.zeros_like(logp)

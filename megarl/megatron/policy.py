@@ -82,7 +82,8 @@ class Policy:
         if self.replay_mode == "r2":
             self.recorder = RouteRecorder(self.models, self.arch.moe_layers,
                                           self.arch.num_experts, self.topk)
-        self.options = ForwardOptions(temperature=config.rollout.temperature)
+        self.options = ForwardOptions(temperature=config.rollout.temperature,
+                                      logprob_impl=config.model.logprob_kernel)
         # the KL reference: the initial weights (the HF checkpoint, or the seeded init), kept on
         # the CPU and swapped in for its forward pass; rebuilt identically on resume
         self._reference = self._copy_weights() if config.algo.kl_beta > 0 else None

@@ -46,7 +46,10 @@ class ForwardOptions:
     """How log-probs are computed: as the rollout engine computed them."""
 
     temperature: float = 1.0
-    chunk_size: int = 1024  # tokens per vocab-parallel log-prob chunk
+    chunk_size: int = 1024  # tokens per vocab-parallel log-prob chunk (Triton: scratch size)
+    # "torch" | "triton" | "auto" (Triton on CUDA): see logprobs.py; torch until the Triton
+    # kernels have run on a GPU (model.logprob_kernel)
+    logprob_impl: str = "torch"
     thd: bool = False  # Transformer-Engine THD packing; False = block-causal mask (local spec)
 
 
@@ -108,7 +111,9 @@ def make_forward_step(
     With `replay` (R3), the micro-batch's routes are installed in this chunk's routers for
     its forward (see `megarl.megatron.router_replay`).
     """
-    context = LogProbContext(temperature=options.temperature, chunk_size=options.chunk_size)
+    context = LogProbContext(
+        temperature=options.temperature, chunk_size=options.chunk_size, impl=options.logprob_impl
+    )
 
     def forward_step(data_iterator: Iterator[PackedMicroBatch], model: torch.nn.Module):
         mb = next(data_iterator)

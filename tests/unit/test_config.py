@@ -112,6 +112,7 @@ def test_unknown_key_in_a_yaml_file(tmp_path: Path) -> None:
         ("logging.sinks=console", "logging.sinks", "must be a list"),
         ("logging.sinks=[console, mlflow]", "logging.sinks[1]", "'wandb'"),
         ("model.random_init=maybe", "model.random_init", "must be a bool"),
+        ("model.logprob_kernel=cuda", "model.logprob_kernel", "'torch', 'triton', 'auto'"),
         ("parallel.etp=two", "parallel.etp", "an int or null"),
         ("trainer=5", "trainer", "must be a mapping"),
     ],
