@@ -98,8 +98,10 @@ class PackedMicroBatch:
         return index.to(self.input_ids.device).view(n, lmax), valid.to(self.input_ids.device)
 
     def unpack(self, values: Tensor) -> Tensor:
-        """``[T] -> [n, Lmax]`` (zeros past each sample's end); differentiable."""
+        """``[T] -> [n, Lmax]`` (zeros past each sample's end); differentiable. The result is
+        on the device of `values` (a CPU micro-batch unpacks a GPU row)."""
         index, valid = self.unpack_index()
+        index, valid = index.to(values.device), valid.to(values.device)
         out = values[index]
         return torch.where(valid, out, torch.zeros_like(out))
 

@@ -116,7 +116,7 @@ def make_forward_step(
     )
 
     def forward_step(data_iterator: Iterator[PackedMicroBatch], model: torch.nn.Module):
-        mb = next(data_iterator)
+        mb = on_model_device(next(data_iterator), model)
         inputs = model_inputs(mb, options)
         if replay is not None:
             replay.before_forward(mb, model)
@@ -134,6 +134,13 @@ def make_forward_step(
         return output, partial(loss_closure, mb)
 
     return forward_step
+
+
+def on_model_device(mb: PackedMicroBatch, model: torch.nn.Module) -> PackedMicroBatch:
+    """`mb` on the device of `model`'s parameters: micro-batches are packed on the CPU and
+    moved per forward (a no-op on CPU runs)."""
+    device = next(model.parameters()).device
+    return mb if mb.input_ids.device == device else mb.to(device)
 
 
 def whole_rows(mb: PackedMicroBatch, output: Tensor) -> tuple[Tensor, Tensor]:

@@ -59,21 +59,27 @@ TOL = 1e-5
 
 
 def write_tiny_checkpoints(root: Path) -> None:
-    """One transformers checkpoint per model type, with non-trivial norm weights and biases
-    (transformers initialises biases to zero, which would hide a misplaced bias)."""
+    """One transformers checkpoint per model type, with non-trivial norm weights and biases."""
+    for model_type, config in TINY_HF.items():
+        write_checkpoint(root / model_type, config)
+
+
+def write_checkpoint(path: Path, config: dict[str, Any], seed: int = 0) -> None:
+    """A randomly initialised fp32 transformers checkpoint of `config` (an HF config dict),
+    with non-trivial norm weights and biases (transformers initialises norms to one and biases
+    to zero, which would hide a wrong norm or bias mapping)."""
     import transformers
 
-    for model_type, config in TINY_HF.items():
-        torch.manual_seed(0)
-        cfg = transformers.AutoConfig.for_model(**config)
-        model = transformers.AutoModelForCausalLM.from_config(cfg).float()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.copy_(1.0 + 0.1 * torch.randn_like(p))
-                elif name.endswith(".bias"):
-                    p.copy_(0.5 * torch.randn_like(p))
-        model.save_pretrained(root / model_type)
+    torch.manual_seed(seed)
+    cfg = transformers.AutoConfig.for_model(**config)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+    model.save_pretrained(path)
 
 
 def _hf_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
@@ -85,9 +91,10 @@ def _hf_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
 
 
 def forward_logits(models: list[Any], ids: torch.Tensor) -> torch.Tensor | None:
-    """Full-vocabulary logits ``[b, s, V]`` on the last pipeline stage (None elsewhere)."""
+    """Full-vocabulary logits ``[b, s, V]`` on the last pipeline stage (None elsewhere); `ids`
+    on the models' device."""
     b, s = ids.shape
-    position_ids = torch.arange(s).unsqueeze(0).expand(b, -1)
+    position_ids = torch.arange(s, device=ids.device).unsqueeze(0).expand(b, -1)
 
     def step(iterator, model):
         batch = next(iterator)
