@@ -63,6 +63,7 @@ from tests.distributed.tiny_moe import (  # noqa: E402
     TINY_QWEN3_MOE,
     load_full_state,
     local_names,
+    named_tensors,
     sharded,
 )
 
@@ -133,7 +134,7 @@ def full_params(models) -> dict[str, torch.Tensor]:
     out = {}
     for model in models:
         names = local_names(model)
-        for name, p in model.named_parameters():
+        for name, p in named_tensors(model):
             out[names[name]] = p.detach().clone()
     return out
 
@@ -144,8 +145,8 @@ def run_step(models, optimizer, micro_batches, spec):
     def keep(ms):
         for model in ms:
             names = local_names(model)
-            for name, p in model.named_parameters():
-                grads[names[name]] = p.main_grad.detach().clone()
+            for name, g in named_tensors(model, lambda p: p.main_grad):
+                grads[names[name]] = g.detach().clone()
 
     result = train_step(models, optimizer, micro_batches, spec, OPTIONS, on_grads=keep)
     return result, grads, full_params(models)
