@@ -105,11 +105,11 @@ def grouped_mm_unsupported(x: Tensor, weights: Sequence[Tensor]) -> str | None:
             return f"{x.dtype} on CPU"
     else:
         return f"device {x.device.type}"
-    align = 16 // x.element_size()
-    for t in (x, *weights):
+    align = 16 // x.element_size()  # x's row length, both weight dims (forward and backward)
+    for t, dims in ((x, x.shape[-1:]), *((w, w.shape[-2:]) for w in weights)):
         if t.dtype is not x.dtype:
             return f"mixed dtypes {x.dtype} and {t.dtype}"
-        if t.shape[-1] % align or t.shape[-2] % align:
+        if any(d % align for d in dims):
             return f"shape {tuple(t.shape)}: dims must be multiples of {align} ({x.dtype})"
     return None
 

@@ -7,7 +7,9 @@
 loss, per-token log-probs and entropy, every gradient, the grad norm and the parameters after one
 Adam step; it also checks that 1, 2 and 4 micro-batches give the same loss, gradients and
 parameters. ``compare`` runs each LAYOUT (tp2, pp2, pp2vpp2, ep2, dp2, tp2ep2, tp2pp2, pp2ep2,
-tp2pp2ep2, cp2loss) from the same full weights and asserts equality to ``TOL``. Each case prints
+tp2pp2ep2, cp2loss) from the same full weights and asserts equality to ``TOL``. Models have
+megarl's grouped-GEMM experts (megarl/megatron/experts.py), the default without TE, except
+``ep2seq``: megatron's SequentialMLP under EP2 against the grouped single-rank reference. Each case prints
 one line ``CASE <layout> <loss> PASS|FAIL <worst errors>``; the exit code is non-zero on any
 failure.
 """
@@ -94,7 +96,9 @@ LAYOUTS = {
     "tp2pp2": dict(tp=2, pp=2),
     "pp2ep2": dict(pp=2, ep=2),
     "tp2pp2ep2": dict(tp=2, pp=2, ep=2),
+    "ep2seq": dict(ep=2),  # megatron's SequentialMLP experts against the grouped reference
 }
+SEQUENTIAL_EXPERTS = {"ep2seq"}  # every other layout (and the reference) has grouped experts
 FACTS = ModelFacts.from_hf(TINY_QWEN3_MOE)
 
 
@@ -118,10 +122,12 @@ def make_samples(seed: int = 0) -> list[TrainSample]:
     return samples
 
 
-def build(parallel: ParallelConfig, full_state: dict[str, torch.Tensor] | None):
+def build(parallel: ParallelConfig, full_state: dict[str, torch.Tensor] | None,
+          grouped_experts: bool | None = None):
     config = transformer_config_from_hf(TINY_QWEN3_MOE, parallel, dtype="float32",
                                         use_transformer_engine=False)
-    chunks = build_model(config, TINY_QWEN3_MOE, use_transformer_engine=False)
+    chunks = build_model(config, TINY_QWEN3_MOE, use_transformer_engine=False,
+                         grouped_experts=grouped_experts)
     if full_state is not None:
         load_full_state(chunks, full_state)
     models = wrap_ddp(chunks, config)
@@ -269,7 +275,8 @@ def compare_layout(layout: str, ref: dict) -> bool:
     for loss_name, spec in LOSSES.items():
         t0 = time.time()
         lay = initialize_parallel(parallel, FACTS, seed=1234)
-        models, optimizer = build(parallel, ref["state"])
+        models, optimizer = build(parallel, ref["state"],
+                                  grouped_experts=layout not in SEQUENTIAL_EXPERTS)
         mine = samples[lay.dp_rank::lay.dp]  # DP: each replica trains on its own samples
         n_mb = 2 if len(mine) >= 2 else 1
         micro_batches = make_micro_batches(mine, num_micro_batches=n_mb,
