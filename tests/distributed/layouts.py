@@ -9,9 +9,9 @@ Adam step; it also checks that 1, 2 and 4 micro-batches give the same loss, grad
 parameters. ``compare`` runs each LAYOUT (tp2, pp2, pp2vpp2, ep2, dp2, tp2ep2, tp2pp2, pp2ep2,
 tp2pp2ep2, cp2loss) from the same full weights and asserts equality to ``TOL``. Models have
 megarl's grouped-GEMM experts (megarl/megatron/experts.py), the default without TE, except
-``ep2seq``: megatron's SequentialMLP under EP2 against the grouped single-rank reference. Each case prints
-one line ``CASE <layout> <loss> PASS|FAIL <worst errors>``; the exit code is non-zero on any
-failure.
+``ep2seq``: megatron's SequentialMLP under EP2 against the grouped single-rank reference.
+Each case prints one line ``CASE <layout> <loss> PASS|FAIL <worst errors>``; the exit code is
+non-zero on any failure.
 """
 
 from __future__ import annotations
