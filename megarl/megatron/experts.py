@@ -92,7 +92,7 @@ def grouped_mm_unsupported(x: Tensor, weights: Sequence[Tensor]) -> str | None:
     Its constraints (torch 2.14, ``_meta_registrations._meta_grouped_mm_common`` and the
     kernels): float32 / bfloat16 / float16 on CPU, bfloat16 on CUDA (float16 needs cuBLASLt
     grouped GEMM, CUDA >= 13.3; not used here), both operands' leading strides multiples of
-    16 bytes, int32 cumulative offsets."""
+    16 bytes and their data 16-byte aligned, int32 cumulative offsets."""
     if not hasattr(torch, "_grouped_mm"):
         return f"torch {torch.__version__} has no _grouped_mm"
     if x.device.type == "cuda":
@@ -111,6 +111,8 @@ def grouped_mm_unsupported(x: Tensor, weights: Sequence[Tensor]) -> str | None:
             return f"mixed dtypes {x.dtype} and {t.dtype}"
         if any(d % align for d in dims):
             return f"shape {tuple(t.shape)}: dims must be multiples of {align} ({x.dtype})"
+        if t.data_ptr() % 16:  # e.g. a parameter placed unaligned in a flat DDP buffer
+            return "an operand not 16-byte aligned in memory"
     return None
 
 

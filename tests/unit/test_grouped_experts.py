@@ -70,6 +70,7 @@ def test_grouped_mm_constraints_are_reported() -> None:
     assert "multiples of 4" in grouped_mm_unsupported(torch.zeros(4, 16), [torch.zeros(2, 6, 16)])
     assert "float64" in grouped_mm_unsupported(torch.zeros(4, 16, dtype=torch.float64), [w])
     assert "mixed dtypes" in grouped_mm_unsupported(torch.zeros(4, 16), [w.bfloat16()])
+    assert "aligned" in grouped_mm_unsupported(torch.zeros(65)[1:].view(4, 16), [w])
     # bfloat16 needs multiples of 8 elements (16 bytes)
     bf = torch.zeros(2, 8, 16, dtype=torch.bfloat16)
     assert grouped_mm_unsupported(torch.zeros(4, 16, dtype=torch.bfloat16), [bf]) is None
@@ -158,6 +159,7 @@ def _module_parity(dtype: torch.dtype, impl: str, **overrides: Any) -> dict[str,
                p0[:0])
     y.sum().backward()
     errs["no_tokens"] = float(y.numel())
+    errs["fell_back_to_loop"] = float(grp._warned_fallback)
     return errs
 
 
@@ -267,6 +269,9 @@ def _worker(rank: int, port: int, tmp: str, results) -> None:
     out["probs_on_input"] = _module_parity(
         torch.float32, "grouped_mm", hf={"num_experts_per_tok": 1, "norm_topk_prob": False},
         moe_apply_probs_on_input=True)  # fmt: skip
+    # impl="auto" where torch._grouped_mm cannot run (ffn 18: rows of 72 bytes): the loop
+    out["auto-unaligned"] = _module_parity(torch.float32, "auto", hf={"moe_intermediate_size": 18})
+    out["auto-aligned"] = _module_parity(torch.float32, "auto")
     out["model"] = _model_checks(tmp)
     results.update(out)
 
@@ -297,6 +302,23 @@ def test_experts_close_to_sequential_mlp_bf16(megatron_results, impl) -> None:
     assert errs["init"] == 0.0, errs
     assert max(errs[k] for k in ("out", "dx", "dprobs", "dw")) <= 2e-2, errs  # bf16 rounding
     assert errs["dw_empty"] == 0.0, errs
+
+
+def test_auto_uses_grouped_mm_where_it_runs_and_the_loop_elsewhere(megatron_results) -> None:
+    aligned, unaligned = megatron_results["auto-aligned"], megatron_results["auto-unaligned"]
+    assert aligned["fell_back_to_loop"] == 0.0 and unaligned["fell_back_to_loop"] == 1.0
+    for errs in (aligned, unaligned):
+        assert max(errs[k] for k in ("out", "dx", "dprobs", "dw")) <= 1e-6, errs
+
+
+def test_grouped_experts_default_and_te_conflict() -> None:
+    from megarl.errors import ConfigError
+    from megarl.megatron.model import use_grouped_experts
+
+    assert use_grouped_experts(None, use_te=False) and not use_grouped_experts(None, use_te=True)
+    assert not use_grouped_experts(False, use_te=False)
+    with pytest.raises(ConfigError, match="grouped_experts"):
+        use_grouped_experts(True, use_te=True)
 
 
 def test_probs_on_input(megatron_results) -> None:
