@@ -282,7 +282,9 @@ class GroupedGemmExperts(MegatronModule):
             if (clamp := config.activation_func_clamp_value) is not None:
                 gate = gate.clamp(min=None, max=clamp)
                 linear = linear.clamp(min=-clamp, max=clamp)
-            act = config.activation_func(gate) * (linear + config.glu_linear_offset)
+            if config.glu_linear_offset:  # 0 in megatron's default: skip a pass over [T, F]
+                linear = linear + config.glu_linear_offset
+            act = config.activation_func(gate) * linear
         else:
             act = config.activation_func(fc1)
         return (act * scale).to(act.dtype)

@@ -24,9 +24,12 @@ def test_benchmark_smoke_checks_and_records(tmp_path: Path) -> None:
     check = record["check"]
     assert check["passed"] and check["failed"] == [], check
     assert check["empty_experts"] == 2 and check["empty_expert_grad_max"] == 0.0
-    # both implementations are compared with an fp32 reference, and are bf16-close to it
-    assert all(0 < v["grouped"] < 2e-2 for v in check["vs_fp32"].values()), check
-    assert set(record["timings"]) == {"sequential", "grouped", "stacked-copy", "gemms-only"}
+    # every implementation is compared with an fp32 reference, and is bf16-close to it; the
+    # fused activation rounds differently, so the bf16 tolerances are exercised for real
+    assert all(0 < e < 2e-2 for v in check["vs_fp32"].values() for e in v.values()), check
+    assert all(0 < v < 2e-2 for v in check["fused_act_vs_sequential"].values()), check
+    assert set(record["timings"]) == {"sequential", "grouped", "grouped-fused-act",
+                                      "stacked-copy", "gemms-only"}
     for row in record["timings"].values():
         assert row["ms"] > 0 and row["gemm_tflops"] > 0 and row["speedup_vs_sequential"] > 0
     shapes = record["shapes"]

@@ -272,6 +272,8 @@ def _worker(rank: int, port: int, tmp: str, results) -> None:
     # impl="auto" where torch._grouped_mm cannot run (ffn 18: rows of 72 bytes): the loop
     out["auto-unaligned"] = _module_parity(torch.float32, "auto", hf={"moe_intermediate_size": 18})
     out["auto-aligned"] = _module_parity(torch.float32, "auto")
+    # megatron's fused (torch.compile'd) SwiGLU, as MLP uses it with bias_activation_fusion
+    out["fused-act"] = _module_parity(torch.float32, "grouped_mm", bias_activation_fusion=True)
     out["model"] = _model_checks(tmp)
     results.update(out)
 
@@ -319,6 +321,11 @@ def test_grouped_experts_default_and_te_conflict() -> None:
     assert not use_grouped_experts(False, use_te=False)
     with pytest.raises(ConfigError, match="grouped_experts"):
         use_grouped_experts(True, use_te=True)
+
+
+def test_fused_activation(megatron_results) -> None:
+    errs = megatron_results["fused-act"]
+    assert max(errs[k] for k in ("out", "dx", "dprobs", "dw")) <= 1e-6, errs
 
 
 def test_probs_on_input(megatron_results) -> None:
