@@ -18,13 +18,13 @@ Why not keep SequentialMLP's per-expert parameters and ``torch.stack`` them in f
 would leave checkpoints and conversion untouched)? ``torch._grouped_mm`` takes one 3-D weight
 tensor, so every forward would copy all local expert weights, and autograd would SAVE the copy
 for backward. For the Qwen3-30B-A3B slice (128 experts, H 2048, F 768, bf16) the stacked
-weights are 1.21 GB per layer: the copy moves 2.4 GB per forward (and as much again for the
-per-expert gradients in backward), about 0.7 + 0.7 ms at H100's 3.35 TB/s against ~2.3 ms for
-all the expert GEMMs at 40 % of peak (0.93 TFLOP per forward + backward), so the copies alone
-would cap the GEMMs near 25 % of peak; and the saved copy adds 1.21 GB of activation memory per
-layer (58 GB over 48 layers at EP=1, 7 GB at EP=8). ``benchmarks/experts.py`` times that
-variant too (``stacked-copy``). Stacked parameters cost nothing at run time; compatibility is
-restored at the three places that see names:
+weights are 1.21 GB per layer: the copy moves 2.4 GB per forward (twice under recompute),
+about 0.7 ms at H100's 3.35 TB/s against ~2.35 ms for all the expert GEMMs of forward +
+backward at 40 % of peak (0.93 TFLOP), so even with the GEMMs at 40 % the layer would stay near
+30 %; and the saved copy adds 1.21 GB of activation memory per layer (58 GB over 48 layers at
+EP=1, 7 GB at EP=8). These are estimates from the sizes; ``benchmarks/experts.py`` times and
+measures that variant on the GPU (``stacked-copy``, with its peak memory). Stacked parameters
+cost nothing at run time; compatibility is restored at the three places that see names:
 
 - distributed checkpoints: `sharded_state_dict` emits, per expert, exactly the ShardedTensors
   SequentialMLP emits (same keys, expert axis, gate/up split, replica ids) from views of the
