@@ -66,6 +66,9 @@ class ModelConfig:
     dtype: Dtype = "bfloat16"
     routing_replay: ReplayMode | bool | None = None  # None = "r3" for MoE models, else "off"
     transformer_engine: bool | None = None  # None = use the TE spec when it imports
+    # MoE experts of the local (non-TE) spec as grouped GEMMs instead of megatron's
+    # SequentialMLP (megarl/megatron/experts.py); None = on whenever the TE spec is not used
+    grouped_experts: bool | None = None
     recompute: Literal["none", "selective", "full"] = "none"
     # log-probs and entropy of the sampled tokens: "torch" (chunked, tested on CPU and in the
     # layout suites), "triton" (fused kernels, CUDA; not yet run on a GPU, see

@@ -145,7 +145,10 @@ def meta_structure(hf_config: Mapping[str, Any], dtype: torch.dtype) -> dict[str
         moe_token_dispatcher_type="allgather", variable_seq_lengths=False,
     )  # fmt: skip
     with torch.device("meta"):
-        (model,) = build_model(config, hf_config, use_transformer_engine=False)
+        # SequentialMLP's structure: per-expert names, as the map has them (grouped experts
+        # save the same tensors under the same keys: megarl/megatron/experts.py)
+        (model,) = build_model(config, hf_config, use_transformer_engine=False,
+                               grouped_experts=False)
     return canonical_keys(model.sharded_state_dict(), arch)
 
 

@@ -31,6 +31,7 @@ from megatron.core.transformer import TransformerConfig
 from megarl.config import ParallelConfig
 from megarl.convert.mapping import SUPPORTED, Architecture
 from megarl.errors import ConfigError
+from megarl.megatron.experts import with_grouped_experts
 from megarl.megatron.parallel import megatron_sizes
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -194,16 +195,36 @@ def transformer_config_from_hf(
     return TransformerConfig(**kwargs)
 
 
+def use_grouped_experts(grouped_experts: bool | None, use_te: bool) -> bool:
+    """Whether MoE layers get `GroupedGemmExperts` (megarl/megatron/experts.py) instead of
+    megatron's SequentialMLP: by default whenever the TE spec (with TE's own grouped experts)
+    is not used."""
+    if grouped_experts is None:
+        return not use_te
+    if grouped_experts and use_te:
+        raise ConfigError(
+            "model.grouped_experts", True, "is for the local spec; the Transformer-Engine spec "
+            "has its own grouped experts (set model.transformer_engine=false to use these)"
+        )
+    return grouped_experts
+
+
 def build_model(
     config: TransformerConfig,
     hf: Mapping[str, Any],
     *,
     use_transformer_engine: bool | None = None,
+    grouped_experts: bool | None = None,
 ) -> list[GPTModel]:
-    """This rank's model chunks: one per virtual pipeline stage (one without VPP)."""
+    """This rank's model chunks: one per virtual pipeline stage (one without VPP).
+
+    ``grouped_experts`` (None: on without TE): the routed experts of the local spec as two
+    grouped GEMMs (`megarl.megatron.experts.GroupedGemmExperts`) instead of SequentialMLP's
+    loop; the same weights, numerics and checkpoints."""
     use_te = (
         transformer_engine_available() if use_transformer_engine is None else use_transformer_engine
     )
+    grouped = use_grouped_experts(grouped_experts, use_te) and bool(config.num_moe_experts)
     arch = architecture(hf)
     vpp = config.virtual_pipeline_model_parallel_size or 1
     chunks = []
@@ -212,6 +233,8 @@ def build_model(
         spec = get_gpt_decoder_block_spec(
             config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=stage
         )
+        if grouped:
+            spec = with_grouped_experts(spec)
         chunk = GPTModel(
             config=config,
             transformer_layer_spec=spec,

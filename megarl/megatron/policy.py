@@ -66,7 +66,8 @@ class Policy:
             routing_replay=self.replay_mode != "off", recompute=config.model.recompute,
             use_transformer_engine=config.model.transformer_engine)
         chunks = build_model(self.tconfig, self.hf_config,
-                             use_transformer_engine=config.model.transformer_engine)
+                             use_transformer_engine=config.model.transformer_engine,
+                             grouped_experts=config.model.grouped_experts)
         if checkpoint is not None:
             load_hf_weights(chunks, checkpoint)
         self.models = wrap_ddp(chunks, self.tconfig)

@@ -39,6 +39,7 @@ from megarl.convert.sharding import (
     tp_split_dim,
     unshard,
 )
+from megarl.megatron.experts import named_expert_tensors
 
 
 def coordinates(chunk: Any) -> Coordinates:
@@ -59,8 +60,10 @@ def coordinates(chunk: Any) -> Coordinates:
     )
 
 
-def _params(chunk: Any) -> dict[str, torch.nn.Parameter]:
-    return {name.removeprefix("module."): p for name, p in chunk.named_parameters()}
+def _params(chunk: Any) -> dict[str, Tensor]:
+    """The chunk's parameters by name; grouped experts' stacked weights as per-expert views
+    under SequentialMLP's names (megarl/megatron/experts.py), which the map uses."""
+    return {name.removeprefix("module."): p for name, p in named_expert_tensors(chunk)}
 
 
 def scheme_of(chunk: Any) -> Scheme:

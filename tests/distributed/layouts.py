@@ -7,9 +7,11 @@
 loss, per-token log-probs and entropy, every gradient, the grad norm and the parameters after one
 Adam step; it also checks that 1, 2 and 4 micro-batches give the same loss, gradients and
 parameters. ``compare`` runs each LAYOUT (tp2, pp2, pp2vpp2, ep2, dp2, tp2ep2, tp2pp2, pp2ep2,
-tp2pp2ep2, cp2loss) from the same full weights and asserts equality to ``TOL``. Each case prints
-one line ``CASE <layout> <loss> PASS|FAIL <worst errors>``; the exit code is non-zero on any
-failure.
+tp2pp2ep2, cp2loss) from the same full weights and asserts equality to ``TOL``. Models have
+megarl's grouped-GEMM experts (megarl/megatron/experts.py), the default without TE, except
+``ep2seq``: megatron's SequentialMLP under EP2 against the grouped single-rank reference.
+Each case prints one line ``CASE <layout> <loss> PASS|FAIL <worst errors>``; the exit code is
+non-zero on any failure.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from tests.distributed.tiny_moe import (  # noqa: E402
     TINY_QWEN3_MOE,
     load_full_state,
     local_names,
+    named_tensors,
     sharded,
 )
 
@@ -93,7 +96,9 @@ LAYOUTS = {
     "tp2pp2": dict(tp=2, pp=2),
     "pp2ep2": dict(pp=2, ep=2),
     "tp2pp2ep2": dict(tp=2, pp=2, ep=2),
+    "ep2seq": dict(ep=2),  # megatron's SequentialMLP experts against the grouped reference
 }
+SEQUENTIAL_EXPERTS = {"ep2seq"}  # every other layout (and the reference) has grouped experts
 FACTS = ModelFacts.from_hf(TINY_QWEN3_MOE)
 
 
@@ -117,10 +122,12 @@ def make_samples(seed: int = 0) -> list[TrainSample]:
     return samples
 
 
-def build(parallel: ParallelConfig, full_state: dict[str, torch.Tensor] | None):
+def build(parallel: ParallelConfig, full_state: dict[str, torch.Tensor] | None,
+          grouped_experts: bool | None = None):
     config = transformer_config_from_hf(TINY_QWEN3_MOE, parallel, dtype="float32",
                                         use_transformer_engine=False)
-    chunks = build_model(config, TINY_QWEN3_MOE, use_transformer_engine=False)
+    chunks = build_model(config, TINY_QWEN3_MOE, use_transformer_engine=False,
+                         grouped_experts=grouped_experts)
     if full_state is not None:
         load_full_state(chunks, full_state)
     models = wrap_ddp(chunks, config)
@@ -133,7 +140,7 @@ def full_params(models) -> dict[str, torch.Tensor]:
     out = {}
     for model in models:
         names = local_names(model)
-        for name, p in model.named_parameters():
+        for name, p in named_tensors(model):
             out[names[name]] = p.detach().clone()
     return out
 
@@ -144,8 +151,8 @@ def run_step(models, optimizer, micro_batches, spec):
     def keep(ms):
         for model in ms:
             names = local_names(model)
-            for name, p in model.named_parameters():
-                grads[names[name]] = p.main_grad.detach().clone()
+            for name, g in named_tensors(model, lambda p: p.main_grad):
+                grads[names[name]] = g.detach().clone()
 
     result = train_step(models, optimizer, micro_batches, spec, OPTIONS, on_grads=keep)
     return result, grads, full_params(models)
@@ -268,7 +275,8 @@ def compare_layout(layout: str, ref: dict) -> bool:
     for loss_name, spec in LOSSES.items():
         t0 = time.time()
         lay = initialize_parallel(parallel, FACTS, seed=1234)
-        models, optimizer = build(parallel, ref["state"])
+        models, optimizer = build(parallel, ref["state"],
+                                  grouped_experts=layout not in SEQUENTIAL_EXPERTS)
         mine = samples[lay.dp_rank::lay.dp]  # DP: each replica trains on its own samples
         n_mb = 2 if len(mine) >= 2 else 1
         micro_batches = make_micro_batches(mine, num_micro_batches=n_mb,

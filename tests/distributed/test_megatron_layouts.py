@@ -23,7 +23,7 @@ CASES = Path(__file__).with_name("conversion_cases.py")
 MODELS = ("qwen3_moe", "qwen3", "qwen2", "llama")
 LOSSES = ("dapo-token-mean", "grpo-seq-mean", "gspo", "up_gspo")
 LAUNCHES = {
-    2: ("tp2", "pp2", "pp2vpp2", "ep2", "dp2", "cp2loss"),
+    2: ("tp2", "pp2", "pp2vpp2", "ep2", "dp2", "cp2loss", "ep2seq"),
     4: ("tp2ep2", "tp2pp2", "pp2ep2"),
     8: ("tp2pp2ep2",),
 }

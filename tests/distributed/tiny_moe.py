@@ -13,6 +13,7 @@ import torch
 
 from megarl.convert.mapping import Architecture, tensor_maps
 from megarl.convert.sharding import local_name, owned, shard
+from megarl.megatron.experts import named_expert_tensors
 from megarl.megatron.weights import coordinates, scheme_of
 
 TINY_QWEN3_MOE: dict[str, Any] = {
@@ -42,15 +43,22 @@ TINY_QWEN3_MOE: dict[str, Any] = {
 ARCH = Architecture.from_hf(TINY_QWEN3_MOE)
 
 
+def named_tensors(model: torch.nn.Module, of=None) -> list[tuple[str, torch.Tensor]]:
+    """The chunk's parameters (or ``of(param)``, e.g. its ``main_grad``) by name, grouped
+    experts' stacked weights as per-expert views (SequentialMLP's names, as the map has)."""
+    return list(named_expert_tensors(model, of))
+
+
 def local_names(model: torch.nn.Module) -> dict[str, str]:
-    """Parameter name in this chunk -> global (single-rank) name."""
+    """Parameter name in this chunk (per-expert names, see `named_tensors`) -> global
+    (single-rank) name."""
     at = coordinates(model)
     by_local = {
         local_name(tm, ARCH.num_layers, ARCH.num_experts, at): tm.megatron
         for tm in tensor_maps(ARCH, scheme_of(model))
         if owned(tm, ARCH.num_layers, ARCH.num_experts, at)
     }
-    return {name: by_local[name.removeprefix("module.")] for name, _ in model.named_parameters()}
+    return {name: by_local[name.removeprefix("module.")] for name, _ in named_tensors(model)}
 
 
 def sharded(
@@ -70,5 +78,6 @@ def load_full_state(models: list[torch.nn.Module], full: dict[str, torch.Tensor]
     shards = sharded(models, full)
     with torch.no_grad():
         for model in models:
-            for name, param in model.named_parameters():
-                param.copy_(shards[local_names(model)[name]])
+            names = local_names(model)
+            for name, param in named_tensors(model):
+                param.copy_(shards[names[name]])
