@@ -115,10 +115,12 @@ def export_hf_weights(
     dist.all_gather_object(homes, mine)
     dtype = next(iter(places[0][1].values())).dtype
     device = next(iter(places[0][1].values())).device
+    rank = dist.get_rank()
     for tm in tensor_maps(arch, scheme):
-        full = _gather_one(tm, arch, places)
+        full, is_param = _gather_one(tm, arch, places)
         src = _owner_rank(tm, arch, homes, places[0][0])
-        if full is None:
+        if full is None or (is_param and world > 1 and rank != src):
+            # receive into a buffer: never broadcast into a live parameter (DP replicas)
             full = torch.empty(tm.shape, dtype=dtype, device=device)
         full = full.to(dtype)  # one dtype for the broadcast (local-spec norms stay fp32)
         if world > 1:
@@ -126,8 +128,11 @@ def export_hf_weights(
         yield from zip(tm.hf, tm.to_hf(full, arch), strict=True)
 
 
-def _gather_one(tm: TensorMap, arch: Architecture, places) -> Tensor | None:
-    """The whole tensor on the ranks holding a shard of it (TP / expert-TP all-gather)."""
+def _gather_one(tm: TensorMap, arch: Architecture, places) -> tuple[Tensor | None, bool]:
+    """The whole tensor on the ranks holding a shard of it (TP / expert-TP all-gather), and
+    whether it is the live parameter itself. An unsharded parameter is yielded as a view, not
+    cloned: the engine copies it in, so a clone would move every byte twice (for MoE models
+    nearly all the bytes are unsharded experts under ETP=1). Consumers must not write to it."""
     for at, params in places:
         if not owned(tm, arch.num_layers, arch.num_experts, at):
             continue
@@ -136,11 +141,11 @@ def _gather_one(tm: TensorMap, arch: Architecture, places) -> Tensor | None:
             ps.get_tensor_model_parallel_group()
         size = dist.get_world_size(group)
         if tp_split_dim(tm.megatron) is None or size == 1:
-            return local.clone()
+            return local, True
         pieces = [torch.empty_like(local) for _ in range(size)]
         dist.all_gather(pieces, local.contiguous(), group=group)
-        return unshard(tm.megatron, pieces)
-    return None
+        return unshard(tm.megatron, pieces), False
+    return None, False
 
 
 def _owner_rank(tm: TensorMap, arch: Architecture, homes: list[Any], at: Coordinates) -> int:
