@@ -3,13 +3,15 @@
 Each benchmark writes one JSON record under ``benchmarks/results/`` (``<name>-<date>.json``;
 ``--smoke`` runs write only where ``--out`` says) holding ``environment()`` (GPU name, versions,
 date, git commit or a digest of the sources when the tree has no ``.git``, as on the device
-machine), its arguments and shapes, its raw numbers and the markdown ``table`` it prints last.
-Importable without CUDA and without megatron-core.
+machine), its arguments and shapes, its raw numbers and the markdown ``table`` it prints last
+(``finish`` / ``publish``). Importable without CUDA and without megatron-core.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -156,13 +158,19 @@ class Marks:
         return (b - a) * 1e3
 
 
-def time_ms(fn: Callable[[], Any], device: Any, *, warmup: int, iters: int) -> list[float]:
-    """``iters`` timings of ``fn()`` in milliseconds (device events), after ``warmup`` calls."""
+def time_ms(fn: Callable[[], Any], device: Any, *, warmup: int, iters: int,
+            reset: Callable[[], Any] | None = None) -> list[float]:
+    """``iters`` timings of ``fn()`` in milliseconds (device events), after ``warmup`` calls;
+    ``reset()``, when given, runs before every call of ``fn`` (warm-up ones too), untimed."""
     for _ in range(warmup):
+        if reset is not None:
+            reset()
         fn()
     synchronize(device)
     out = []
     for _ in range(iters):
+        if reset is not None:
+            reset()
         marks = Marks(device)
         marks.mark("start")
         fn()
@@ -193,12 +201,65 @@ def peak_memory_gib(device: Any) -> float | None:
     return None
 
 
+def live_bytes() -> Any:
+    """A fresh CPU stand-in for ``max_memory_allocated``: ``with live_bytes() as tracker: ...``,
+    then ``tracker.peak``, the peak bytes of tensor storages created inside and still alive."""
+    return _live_bytes_mode()()
+
+
+@functools.cache
+def _live_bytes_mode() -> type:
+    import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class LiveBytes(TorchDispatchMode):
+        """Peak bytes of tensor storages created while the mode is active.
+
+        CPU has no ``max_memory_allocated``. Every aten op (forward, and backward: the autograd
+        engine runs CPU backward on this thread with the mode active) passes through
+        ``__torch_dispatch__``; each output's storage is recorded with a weak reference, which
+        expires when the storage's data is freed. After each op, expired storages are dropped and
+        the live total is compared with the peak, so the peak is the high-water mark at op
+        boundaries (an op's output counted while its inputs are still alive), over storages
+        allocated inside the mode: extra memory, excluding the inputs that existed before. Views
+        and in-place results share a storage and are counted once. (A weak reference keeps the
+        storage object, not its data, so a freed storage's address is not reused while it is
+        tracked.)
+        """
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+            self.peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    storage = t.untyped_storage()
+                    ref = StorageWeakRef(storage)
+                    old = self.live.get(ref.cdata, (ref, 0))[1]
+                    self.live[ref.cdata] = (ref, max(old, storage.nbytes()))
+            self.peak = max(self.peak, sum(nbytes for _, nbytes in self.live.values()))
+            return out
+
+    return LiveBytes
+
+
 # ------------------------------------------------------------------------------ output
 
 
-def human_bytes(n: float) -> str:
-    """Bytes with a decimal unit: 6.23 GB, 512.0 kB."""
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+def human_bytes(n: float | None, *, binary: bool = False) -> str:
+    """Bytes with a decimal unit (6.23 GB, 512.00 kB) or, ``binary``, a binary one (5.80 GiB);
+    None as ``-``."""
+    if n is None:
+        return "-"
+    units = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if binary else \
+        (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3))
+    for unit, size in units:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n:.0f} B"
@@ -229,6 +290,45 @@ def write_record(record: dict[str, Any], path: Path | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_finite(record), indent=2) + "\n")
     print(f"wrote {path}", flush=True)
+
+
+def add_common_args(parser: argparse.ArgumentParser, smoke_help: str) -> None:
+    """``--device``, ``--out`` and ``--smoke`` (its help ``smoke_help``), last on the command line
+    of every GPU benchmark (``publish`` reads ``out`` and ``smoke``)."""
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+
+
+def publish(name: str, record: dict[str, Any], table: Callable[[dict[str, Any]], str],
+            args: argparse.Namespace, date: str) -> None:
+    """The record's ``table``, the JSON where ``result_path`` says (``args.out``, ``args.smoke``),
+    then the table, printed last."""
+    record["table"] = table(record)
+    write_record(record, result_path(name, date, args.out, args.smoke))
+    print(record["table"], flush=True)
+
+
+def finish(name: str, args: argparse.Namespace,
+           run: Callable[[argparse.Namespace], dict[str, Any]],
+           table: Callable[[dict[str, Any]], str], passed: Callable[[dict[str, Any]], bool], *,
+           smoke: dict[str, Any] | None = None, full: dict[str, Any] | None = None,
+           failure: str | None = None) -> int:
+    """The end of a benchmark's ``main()``: arguments still None take the ``smoke`` (with
+    ``--smoke``) or ``full`` defaults; then ``quiet()``, ``run(args)`` -> the record (its
+    ``environment()`` under ``"environment"``), ``publish`` it, and the exit status: 0 when
+    ``passed(record)``, else 1 (``failure`` said on stderr)."""
+    for key, value in ((smoke if args.smoke else full) or {}).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    quiet()
+    record = run(args)
+    publish(name, record, table, args, record["environment"]["date"])
+    if passed(record):
+        return 0
+    if failure:
+        print(failure, file=sys.stderr, flush=True)
+    return 1
 
 
 def _finite(value: Any) -> Any:

@@ -469,25 +469,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=None, help="r3/sync: response tokens (32)")
     p.add_argument("--quickstart-steps", type=int, default=None,
                    help="quickstart steps (70; 0 skips it)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--smoke", action="store_true",
-                   help="the CPU suites' tiny model, 3 quickstart steps (CPU + gloo without a "
-                        "GPU): the same code paths")
-    args = p.parse_args(argv)
-    defaults = dict(batch=2, length=12, max_tokens=7, quickstart_steps=3) if args.smoke else \
-        dict(batch=4, length=256, max_tokens=32, quickstart_steps=70)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    _common.quiet()
-    record = run(args)
-    record["table"] = table(record)
-    _common.write_record(record, _common.result_path("cuda_parity",
-                                                     record["environment"]["date"], args.out,
-                                                     args.smoke))
-    print(record["table"], flush=True)
-    return 0 if record["passed"] else 1
+    _common.add_common_args(p, "the CPU suites' tiny model, 3 quickstart steps (CPU + gloo "
+                               "without a GPU): the same code paths")
+    return _common.finish("cuda_parity", p.parse_args(argv), run, table, lambda r: r["passed"],
+                          smoke=dict(batch=2, length=12, max_tokens=7, quickstart_steps=3),
+                          full=dict(batch=4, length=256, max_tokens=32, quickstart_steps=70))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ as megatron's alltoall dispatcher hands them over: grouped by expert, counts on 
    (H100 SXM: 989 TFLOP/s), and peak memory above the weights.
 
     python benchmarks/experts.py               # CUDA; writes benchmarks/results/experts-DATE.json
-    python benchmarks/experts.py --smoke       # tiny shapes, CPU or GPU, seconds (tests use it)
+    python benchmarks/experts.py --smoke [--out PATH]  # tiny shapes, CPU or GPU, seconds
+                                                         # (tests use it; writes only with --out)
 
 Goal (issue 8): grouped >= 20x faster than SequentialMLP, expert GEMMs >= 40 % of bf16 peak.
 """
@@ -29,24 +30,18 @@ Goal (issue 8): grouped >= 20x faster than SequentialMLP, expert GEMMs >= 40 % o
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import logging
 import math
-import os
 import statistics
 import sys
-import time
-import warnings
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-RESULTS = ROOT / "benchmarks" / "results"
+import _common  # noqa: E402  (and this checkout's megarl onto sys.path)
+
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM5, dense (no sparsity)
 
 
@@ -68,8 +63,6 @@ def slice_config(experts: int, topk: int, hidden: int, ffn: int) -> dict[str, An
 
 def setup(hf: dict[str, Any], dtype: str):
     """torch.distributed (a world of one), megatron's groups and the TransformerConfig."""
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
     if not torch.cuda.is_available():
         from megarl.megatron import cpu
 
@@ -84,7 +77,7 @@ def setup(hf: dict[str, Any], dtype: str):
                                       use_transformer_engine=False)
 
 
-def build(config):
+def build(config, device: torch.device):
     """SequentialMLP and GroupedGemmExperts with the same weights (same seed, same init)."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -107,7 +100,7 @@ def build(config):
         for j, expert in enumerate(seq.local_experts):
             grp.linear_fc1.weight[j].copy_(expert.linear_fc1.weight)
             grp.linear_fc2.weight[j].copy_(expert.linear_fc2.weight)
-    return seq.to(device()), grp.to(device())
+    return seq.to(device), grp.to(device)
 
 
 def with_fused_activation(grp, config):
@@ -123,13 +116,8 @@ def with_fused_activation(grp, config):
     return fused
 
 
-def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
-
-
 def routing(tokens: int, experts: int, topk: int, hidden: int, dtype: torch.dtype,
-            empty: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:  # fmt: skip
+            device: torch.device, empty: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
     """Tokens routed by random router logits (softmax over the top-k), permuted by expert as
     megatron's dispatcher hands them to the experts; `empty` experts get no token."""
     g = torch.Generator().manual_seed(seed)
@@ -142,10 +130,10 @@ def routing(tokens: int, experts: int, topk: int, hidden: int, dtype: torch.dtyp
     order = torch.argsort(expert_of, stable=True)
     hidden_states = torch.randn(tokens, hidden, generator=g)
     return {
-        "x": hidden_states[order // topk].to(dtype).to(device()),
-        "probs": probs.reshape(-1)[order].to(device()),  # fp32, as the router's
+        "x": hidden_states[order // topk].to(dtype).to(device),
+        "probs": probs.reshape(-1)[order].to(device),  # fp32, as the router's
         "tokens_per_expert": torch.bincount(expert_of, minlength=experts),  # on the CPU
-        "dy": torch.randn(tokens * topk, hidden, generator=g).to(dtype).to(device()),
+        "dy": torch.randn(tokens * topk, hidden, generator=g).to(dtype).to(device),
     }
 
 
@@ -214,10 +202,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def check(seq, grp, fused, config, tokens: int, topk: int, empty: int) -> dict[str, Any]:
+def check(seq, grp, fused, config, tokens: int, topk: int, empty: int,
+          device: torch.device) -> dict[str, Any]:
     """grouped (and grouped-fused-act) vs SequentialMLP vs an fp32 reference, fwd + bwd."""
     r = routing(tokens, config.num_moe_experts, topk, config.hidden_size, config.params_dtype,
-                empty=empty, seed=1)
+                device, empty=empty, seed=1)
     ref = reference_fp32(grp, r)
     results = {}
     for name, module in (("sequential", seq), ("grouped", grp), ("grouped-fused-act", fused)):
@@ -258,46 +247,37 @@ def check(seq, grp, fused, config, tokens: int, topk: int, empty: int) -> dict[s
 # ---- timing ---------------------------------------------------------------------------------
 
 
-def timed(fn, params, warmup: int, iters: int) -> dict[str, float]:
-    """Median / min ms of fn() (forward + backward), and its peak memory above the start."""
-    cuda = torch.cuda.is_available()
-    for _ in range(warmup):
+def timed(fn, params, device: torch.device, warmup: int, iters: int) -> dict[str, float]:
+    """Median / min ms of fn() (forward + backward), and its peak memory above the start (of
+    the last timed call, on a GPU)."""
+    cuda = device.type == "cuda"
+    calls, base = 0, 0
+
+    def reset():  # before every call: no gradients held; before the last, the memory baseline
+        nonlocal calls, base
         for p in params:
             p.grad = None
-        fn()
-    times = []
-    if cuda:
-        torch.cuda.synchronize()
-    for i in range(iters):
-        for p in params:
-            p.grad = None
-        if cuda:
-            if i == iters - 1:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
+        calls += 1
+        if cuda and calls == warmup + iters:
+            _common.synchronize(device)
+            _common.peak_memory_reset(device)
+            base = torch.cuda.memory_allocated(device)
+
+    times = _common.time_ms(fn, device, warmup=warmup, iters=iters, reset=reset)
     row = {"ms": statistics.median(times), "ms_min": min(times), "iters": iters}
     if cuda:
-        row["peak_mem_above_start_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        row["peak_mem_above_start_gib"] = (torch.cuda.max_memory_allocated(device) - base) / \
+            _common.GIB
     return row
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     hf = slice_config(args.experts, args.topk, args.hidden, args.ffn)
     config = setup(hf, args.dtype)
-    seq, grp = build(config)
+    device = _common.pick_device(None)
+    seq, grp = build(config, device)
     record: dict[str, Any] = {"what": __doc__.splitlines()[0], "args": vars(args) | {"out": None}}
-    record["environment"] = environment()
+    record["environment"] = _common.environment(device)
     routed = args.tokens * args.topk
     record["shapes"] = {"tokens": args.tokens, "routed_tokens": routed, "experts": args.experts,
                         "topk": args.topk, "hidden": args.hidden, "moe_ffn": args.ffn,
@@ -305,14 +285,14 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         "fc2_weight": list(grp.linear_fc2.weight.shape)}
     fused = with_fused_activation(grp, config)
     record["check"] = check(seq, grp, fused, config, args.tokens, args.topk,
-                            empty=args.empty_experts)
-    r = routing(args.tokens, args.experts, args.topk, args.hidden, config.params_dtype)
+                            empty=args.empty_experts, device=device)
+    r = routing(args.tokens, args.experts, args.topk, args.hidden, config.params_dtype, device)
     counts = r["tokens_per_expert"]
     record["routing"] = {"min": int(counts.min()), "max": int(counts.max()),
                          "mean": float(counts.float().mean()), "empty": int((counts == 0).sum())}
-    act = torch.randn(routed, args.ffn, device=device(), dtype=config.params_dtype,
+    act = torch.randn(routed, args.ffn, device=device, dtype=config.params_dtype,
                       requires_grad=True)
-    fc1_grad = torch.randn(routed, grp.linear_fc1.weight.shape[1], device=device(),
+    fc1_grad = torch.randn(routed, grp.linear_fc1.weight.shape[1], device=device,
                            dtype=config.params_dtype)
     flops = 6 * routed * args.hidden * 3 * args.ffn  # (fc1 2F + fc2 F) x (fwd + dgrad + wgrad)
     variants = {
@@ -326,7 +306,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     rows = {}
     for name, (fn, params) in variants.items():
         iters = max(2, args.iters // 4) if name == "sequential" else args.iters
-        row = timed(fn, params, args.warmup, iters)
+        row = timed(fn, params, device, args.warmup, iters)
         row["gemm_tflops"] = flops / (row["ms"] * 1e-3) / 1e12
         row["gemm_fraction_of_peak"] = row["gemm_tflops"] / args.peak_tflops
         rows[name] = row
@@ -346,21 +326,6 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                                        for k in ("grouped", "grouped-fused-act")) >= 0.40,
     }
     return record
-
-
-def environment() -> dict[str, Any]:
-    import megatron.core
-
-    env = {"torch": torch.__version__, "cuda": torch.version.cuda,
-           "megatron_core": getattr(megatron.core, "__version__", None),
-           "python": sys.version.split()[0], "cpu_count": os.cpu_count()}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        env.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
-                   gpu_memory_gib=props.total_memory / 2**30, sm_count=props.multi_processor_count)
-    else:
-        env["gpu"] = None
-    return env
 
 
 def table(record: dict[str, Any]) -> str:
@@ -401,7 +366,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default benchmarks/results/experts-DATE.json)")
+                        help="JSON path (default benchmarks/results/experts-DATE.json; "
+                             "--smoke writes only here)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.tokens, args.experts, args.topk, args.hidden, args.ffn = 64, 8, 2, 64, 32
@@ -409,20 +375,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if not torch.cuda.is_available() and not args.smoke:
         raise SystemExit("benchmarks/experts.py needs a CUDA GPU (or --smoke for tiny shapes)")
-    record = benchmark(args)
-    out = args.out or RESULTS / f"experts-{datetime.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(table(record))
-    print(f"written {out}")
-    if not record["check"]["passed"]:
-        raise SystemExit("check failed: grouped experts differ from SequentialMLP")
-    return record
+    return _common.finish("experts", args, benchmark, table, lambda r: r["check"]["passed"],
+                          failure="check failed: grouped experts differ from SequentialMLP")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,36 +20,28 @@ other at the full shape. Goals (issue 8): fused peak extra memory <= 10% of naiv
     python benchmarks/logprobs.py --smoke [--out PATH]   # tiny shapes on CPU (torch fallback)
     TRITON_INTERPRET=1 python benchmarks/logprobs.py --smoke  # the kernels, interpreted
 
-Writes benchmarks/results/logprobs-<date>.json (GPU name, versions, shapes, the check, the rows
-and the ratios; ``--smoke`` writes only with ``--out``) and prints a table. Exits 1 when the
-fused path fails the check (after writing the results).
+Writes benchmarks/results/logprobs-<date>.json (GPU name, versions, shapes, the check, the rows,
+the ratios and the table; ``--smoke`` writes only with ``--out``) and prints the table last.
+Exits 1 when the fused path fails the check (after writing the results).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere: this checkout's megarl
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # noqa: E402  (and this checkout's megarl onto sys.path)
 
 from megarl.megatron.logprobs import vocab_parallel_logprobs  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 GOALS = {"memory_vs_naive": 0.10, "time_vs_naive": 0.60}
 PATHS = ("naive", "chunked", "fused")
 CHECK_TEMPERATURE = 0.7
@@ -109,65 +101,18 @@ def matmul_step(h: Tensor, w: Tensor) -> Callable[[], None]:
 # measuring
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(step: Callable, reset: Callable, device: torch.device, iters: int) -> list[float]:
-    """Milliseconds of each of `iters` calls of `step` (`reset` runs before each, untimed)."""
-    out = []
-    for _ in range(iters):
-        reset()
-        sync(device)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            out.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
-class LiveBytes(TorchDispatchMode):
-    """CPU stand-in for ``max_memory_allocated``: the peak bytes of tensor storages created
-    inside the mode and still alive, checked after every aten op (see
-    tests/unit/test_vocab_parallel_logprobs.py::LiveTensorBytes)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
-        for t in tree_leaves(out):
-            if isinstance(t, Tensor):
-                st = t.untyped_storage()
-                ref = StorageWeakRef(st)
-                old = self.live.get(ref.cdata, (ref, 0))[1]
-                self.live[ref.cdata] = (ref, max(old, st.nbytes()))
-        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
-        return out
-
-
 def peak_extra_bytes(step: Callable, reset: Callable, device: torch.device) -> int:
-    """Peak bytes allocated during one `step` above the level just before it."""
+    """Peak bytes allocated during one `step` above the level just before it (on the CPU, of
+    the storages created during it: ``_common.live_bytes``)."""
     reset()
-    sync(device)
+    _common.synchronize(device)
     if device.type == "cuda":
         base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
+        _common.peak_memory_reset(device)
         step()
-        sync(device)
+        _common.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    with LiveBytes() as tracker:
+    with _common.live_bytes() as tracker:
         step()
     return tracker.peak
 
@@ -264,7 +209,8 @@ def measure(path, h, w, labels, a, b, temperature, chunk_size, impl, device, war
             reset()
             step()
         peak = None if path == "matmuls" else peak_extra_bytes(step, reset, device)
-        times = time_ms(step, reset, device, iters)
+        times = _common.time_ms(step, device, warmup=0, iters=iters,
+                                reset=lambda: (reset(), _common.synchronize(device)))
     except torch.OutOfMemoryError as err:
         reset()
         return {"path": path, "error": f"out of memory: {str(err).splitlines()[0]}"}
@@ -295,30 +241,12 @@ def interpreting() -> bool:
     return fused_logprobs.interpreting()
 
 
-def environment(device: torch.device) -> dict:
-    env = {"date": dt.date.today().isoformat(), "torch": torch.__version__,
-           "python": platform.python_version(), "device": str(device)}  # fmt: skip
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(gpu=props.name, gpu_memory_bytes=props.total_memory,
-                   sms=props.multi_processor_count, cuda=torch.version.cuda)  # fmt: skip
-    else:
-        env.update(gpu=None, cpu=platform.processor() or platform.machine())
-    return env
-
-
 def run(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device)
+    device = _common.pick_device(args.device)
     dtype = getattr(torch, args.dtype)
     impl = "triton" if device.type == "cuda" or interpreting() else "auto"  # CPU: torch
     result = {
-        **environment(device),
+        **_common.environment(device),  # at the top level of the record (GPU, versions, date)
         "shapes": {"tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab,
                    "dtype": args.dtype, "temperature": args.temperature,
                    "chunk_size": args.chunk_size, "check_tokens": args.check_tokens},
@@ -350,9 +278,9 @@ def run(args: argparse.Namespace) -> dict:
             row["tokens"] = n
             rows[path] = row
             result["rows"].append(row)
+            extra = _common.human_bytes(row.get("peak_extra_bytes"), binary=True)
             print(f"  tokens {n:>6} {path:>8}: " + (
-                row.get("error") or f"{row['ms_median']:.2f} ms, peak extra "
-                f"{fmt_bytes(row['peak_extra_bytes'])}"), flush=True)  # fmt: skip
+                row.get("error") or f"{row['ms_median']:.2f} ms, peak extra {extra}"), flush=True)
         result["ratios"][str(n)] = ratios(rows)
     result["autotuned"] = autotuned()
     return result
@@ -374,15 +302,6 @@ def ratios(rows: dict) -> dict:
     return out
 
 
-def fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
-
-
 def table(result: dict) -> str:
     lines = [
         f"{result.get('gpu') or result['device']}, torch {result['torch']}, "
@@ -399,7 +318,8 @@ def table(result: dict) -> str:
         t = f"{rat['time_vs_naive']:.2f}x" if rat else ""
         m = f"{rat['memory_vs_naive']:.1%}" if rat else ""
         lines.append(f"| {r['tokens']} | {r['path']} | {r['ms_median']:.2f} | "
-                     f"{fmt_bytes(r['peak_extra_bytes'])} | {t} | {m} |")  # fmt: skip
+                     f"{_common.human_bytes(r['peak_extra_bytes'], binary=True)} | {t} | "
+                     f"{m} |")  # fmt: skip
     lines.append(f"goals: fused memory <= {GOALS['memory_vs_naive']:.0%} of naive, "
                  f"time <= {GOALS['time_vs_naive']}x naive")  # fmt: skip
     for n, rat in result["ratios"].items():
@@ -428,10 +348,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--skip-agreement", action="store_true",
                    help="skip the full-shape comparison of the paths (it runs each once more)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny shapes on CPU (the torch fallback); writes only with --out")
+    _common.add_common_args(p, "tiny shapes on CPU (the torch fallback); writes only with --out")
     args = p.parse_args(argv)
     if args.smoke:
         args.tokens, args.hidden, args.vocab = [48, 96], 32, 1000
@@ -448,14 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     torch.manual_seed(0)
     result = run(args)
-    print(table(result))
-    out = args.out
-    if out is None and not args.smoke:
-        out = RESULTS / f"logprobs-{result['date']}.json"
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {out}")
+    _common.publish("logprobs", result, table, args, result["date"])
     if not result["check_passed"]:
         print("fused path FAILED the float64 check", file=sys.stderr)
     return result

@@ -500,23 +500,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-7)
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                    help="default bfloat16 on a GPU, float32 on the CPU")
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny model and rows (CPU + gloo without a GPU): the same code paths")
-    args = p.parse_args(argv)
-    defaults = dict(seq_len=64, micro_batches=2, iters=2, warmup=1) if args.smoke else \
-        dict(seq_len=4096, micro_batches=4, iters=6, warmup=2)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    _common.quiet()
-    record = run(args)
-    record["table"] = table(record)
-    _common.write_record(record, _common.result_path("train_step", record["environment"]["date"],
-                                                     args.out, args.smoke))
-    print(record["table"], flush=True)
-    return 0 if record["model_check"]["passed"] else 1
+    _common.add_common_args(
+        p, "tiny model and rows (CPU + gloo without a GPU): the same code paths")
+    return _common.finish("train_step", p.parse_args(argv), run, table,
+                          lambda r: r["model_check"]["passed"],
+                          smoke=dict(seq_len=64, micro_batches=2, iters=2, warmup=1),
+                          full=dict(seq_len=4096, micro_batches=4, iters=6, warmup=2))
 
 
 if __name__ == "__main__":

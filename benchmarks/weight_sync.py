@@ -265,24 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--copy-iters", type=int, default=20)
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                    help="default bfloat16 on a GPU, float32 on the CPU")
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny model (CPU + gloo without a GPU): the same code paths")
-    args = p.parse_args(argv)
-    defaults = dict(layers=2, bucket_mb=1 / 64, iters=2) if args.smoke else \
-        dict(layers=4, bucket_mb=512.0, iters=5)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    _common.quiet()
-    record = run(args)
-    record["table"] = table(record)
-    _common.write_record(record, _common.result_path("weight_sync",
-                                                     record["environment"]["date"], args.out,
-                                                     args.smoke))
-    print(record["table"], flush=True)
-    return 0 if record["check"]["passed"] else 1
+    _common.add_common_args(p, "tiny model (CPU + gloo without a GPU): the same code paths")
+    return _common.finish("weight_sync", p.parse_args(argv), run, table,
+                          lambda r: r["check"]["passed"],
+                          smoke=dict(layers=2, bucket_mb=1 / 64, iters=2),
+                          full=dict(layers=4, bucket_mb=512.0, iters=5))
 
 
 if __name__ == "__main__":

@@ -16,9 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from benchmarks._common import live_bytes
 from megarl.megatron.logprobs import (
     LogProbContext,
     logprob_entropy_output_processor,
@@ -251,40 +250,9 @@ def test_two_tensor_parallel_ranks_match_full_vocab(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# memory
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages created while the mode is active.
-
-    CPU has no ``max_memory_allocated``. Every aten op (forward, and backward: the autograd engine
-    runs CPU backward on this thread with the mode active) passes through ``__torch_dispatch__``;
-    each output's storage is recorded with a weak reference, which expires when the storage's
-    data is freed. After each op, expired storages are dropped and the live total is compared
-    with the peak, so the peak is the high-water mark at op boundaries (an op's output counted
-    while its inputs are still alive), over storages allocated inside the mode: extra memory,
-    excluding the inputs that existed before. Views and in-place results share a storage and
-    are counted once. (A weak reference keeps the storage object, not its data, so a freed
-    storage's address is not reused while it is tracked.)
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
-        for t in tree_leaves(out):
-            if isinstance(t, Tensor):
-                storage = t.untyped_storage()
-                ref = StorageWeakRef(storage)
-                old = self.live.get(ref.cdata, (ref, 0))[1]
-                self.live[ref.cdata] = (ref, max(old, storage.nbytes()))
-        self.peak = max(self.peak, sum(nbytes for _, nbytes in self.live.values()))
-        return out
-
+# memory: CPU has no max_memory_allocated; live_bytes() (benchmarks/_common.py, the logprobs
+# benchmark's CPU measure too) tracks the peak bytes of tensor storages created inside it and
+# still alive, at aten op boundaries
 
 MEM_V, MEM_H = 8192, 32
 
@@ -302,7 +270,7 @@ def peak_bytes(n: int, chunk_size: int | None) -> int:
     """Extra peak bytes of forward + backward of sum(a logp + b H); chunk_size None is the naive
     full-logits version (the control that shows the tracker sees [N, V] tensors)."""
     h, w, labels, a, b = _mem_inputs(n)
-    with LiveTensorBytes() as tracker:
+    with live_bytes() as tracker:
         if chunk_size is None:
             log_p = torch.log_softmax(h @ w.t(), dim=-1)
             logp = log_p.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
