@@ -140,23 +140,6 @@ def check_logits(path: Path, hf: dict[str, Any], dtype: str, device: Any, batch:
 # ------------------------------------------------------------------------------ 2. R3
 
 
-def samples_of(batch: Any, topk: int) -> list[Any]:
-    """Rollouts -> TrainSamples with token-aligned routes (replay_cases._samples, any top-k)."""
-    import torch
-
-    from megarl.megatron.packing import TrainSample
-    from megarl.megatron.router_replay import align_routes
-
-    out = []
-    for r in batch.rollouts:
-        tokens = r.token_ids
-        mask = torch.zeros(len(tokens), dtype=torch.bool)
-        mask[len(r.prompt_ids):] = True
-        out.append(TrainSample(tokens=tokens, loss_mask=mask, advantages=torch.tensor(1.0),
-                               routed_experts=align_routes(r.routed_experts, len(tokens), topk)))
-    return out
-
-
 def forced_logprobs(model: Any, samples: list[Any], device: Any) -> list[Any]:
     """Response log-probs of an un-cached transformers forward with every router forced onto
     the sample's recorded routes (replay_cases._forced, on any device)."""
@@ -228,7 +211,7 @@ def check_r3(path: Path, hf: dict[str, Any], dtype: str, device: Any, max_tokens
     from megarl.megatron.step import ForwardOptions, compute_logprobs
     from megarl.rollout.engine import SamplingParams
     from megarl.rollout.hf import HFEngine
-    from tests.distributed.replay_cases import PROMPTS
+    from tests.distributed.replay_cases import PROMPTS, samples_of
 
     arch, topk = Architecture.from_hf(hf), int(hf["num_experts_per_tok"])
     engine = HFEngine(transformers_model(path, dtype, device), device=str(device))
@@ -295,7 +278,7 @@ def check_sync(models: list[Any], engine: Any, hf: dict[str, Any], dtype: str,
     from megarl.megatron.weights import export_hf_weights
     from megarl.rollout.engine import SamplingParams
     from megarl.rollout.sync import sync_weights
-    from tests.distributed.replay_cases import PROMPTS, _TrackedEngine
+    from tests.distributed.replay_cases import PROMPTS, _TrackedEngine, samples_of
 
     tconfig = models[0].config
     models = wrap_ddp(models, tconfig)
@@ -315,7 +298,7 @@ def check_sync(models: list[Any], engine: Any, hf: dict[str, Any], dtype: str,
     del before
     bucket = max(1 << 13, sum(t.numel() * t.element_size() for _, t in engine.hf_tensors())
                  // 16)  # ~16 buckets
-    tracked = _TrackedEngine(engine)
+    tracked = _TrackedEngine(engine, models)
     metrics = sync_weights(models, tracked, hf, bucket_bytes=bucket)
     mine = dict(engine.hf_tensors())
     exported = dict(export_hf_weights(models, hf))

@@ -63,14 +63,15 @@ TEMPERATURE = 0.7
 PROMPTS = [[5, 9, 11], [7, 1], [3, 4, 5, 6, 8, 10, 12], [2, 2, 2, 2], [40, 41], [17, 3, 60]]
 
 
-def _samples(batch) -> list[TrainSample]:
+def samples_of(batch, topk: int = 2) -> list[TrainSample]:
+    """Rollouts -> TrainSamples (responses masked in, advantage 1) with token-aligned routes."""
     out = []
     for r in batch.rollouts:
         tokens = r.token_ids
         mask = torch.zeros(len(tokens), dtype=torch.bool)
         mask[len(r.prompt_ids):] = True
         out.append(TrainSample(tokens=tokens, loss_mask=mask, advantages=torch.tensor(1.0),
-                               routed_experts=align_routes(r.routed_experts, len(tokens), 2)))
+                               routed_experts=align_routes(r.routed_experts, len(tokens), topk)))
     return out
 
 
@@ -241,7 +242,7 @@ def run_case(layout: str, root: Path) -> dict[str, float]:
     engine = HFEngine(source, device="cpu")
     batch = engine.generate(PROMPTS, SamplingParams(temperature=TEMPERATURE, max_tokens=7,
                                                     seed=123, ignore_eos=True))
-    samples = _samples(batch)
+    samples = samples_of(batch)
     engine_logp = [r.logprobs for r in batch.rollouts]
 
     parallel = ParallelConfig(**LAYOUTS[layout])
@@ -315,7 +316,7 @@ def run_case(layout: str, root: Path) -> dict[str, float]:
     # R3 with the weights the sync put into the engine: fresh rollouts, replayed in Megatron
     synced = engine.generate(PROMPTS, SamplingParams(temperature=TEMPERATURE, max_tokens=7,
                                                      seed=321, ignore_eos=True))
-    synced_samples = _samples(synced)
+    synced_samples = samples_of(synced)
     synced_mbs = make_micro_batches(synced_samples, num_micro_batches=2, seq_multiple=3,
                                     row_multiple=tp)
     got = _response_logprobs(compute_logprobs(models, synced_mbs, options, replay=replayer),
