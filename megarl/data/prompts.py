@@ -312,20 +312,18 @@ def filter_rows(rows: datasets.Dataset, where: Mapping[str, Sequence[Any]],
     for key in where:
         check_key(rows, key, "data.train_filter", source)
     allowed = {key: list(values) for key, values in where.items()}
-    columns = rows.select_columns(sorted({_top(rows, key) for key in where}))
-    keep: list[int] = []
-    index = 0
-    for batch in columns.iter(batch_size=_COUNT_CHUNK):
-        for values in zip(*batch.values(), strict=True):
-            row = dict(zip(batch, values, strict=True))
-            if all(_get(row, key) in wanted for key, wanted in allowed.items()):
-                keep.append(index)
-            index += 1
-    if not keep:
+    tops = sorted({_top(rows, key) for key in where})
+
+    def wanted(*columns: Any) -> bool:
+        row = dict(zip(tops, columns, strict=True))
+        return all(_get(row, key) in values for key, values in allowed.items())
+
+    # in memory: a cache file next to a read-only dataset on disk could not be written
+    kept = rows.filter(wanted, input_columns=tops, keep_in_memory=True)
+    if len(kept) == 0:
         raise ConfigError("data.train_filter", dict(where),
-                          f"keeps none of the {index} rows of {source}")
-    # in memory: an indices file next to a read-only dataset on disk could not be written
-    return rows.select(keep, keep_in_memory=True)
+                          f"keeps none of the {len(rows)} rows of {source}")
+    return kept
 
 
 def prompt_text(value: Any, key: str = "prompt") -> str:
