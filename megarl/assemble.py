@@ -90,12 +90,10 @@ def build_engine(config: Config, hf_config: dict[str, Any], *, rank: int, world_
         from megarl.rollout.vllm import VLLMEngine, VLLMOptions, check_launch_environment
 
         check_launch_environment()
-        if config.model.name_or_path is None:
-            raise UserError("rollout.engine='vllm' needs model.name_or_path (a checkpoint "
-                            "directory vLLM can read the architecture from)")
-        return VLLMEngine(config.model.name_or_path,
-                          VLLMOptions.from_config(config, seed=config.trainer.seed),
-                          moe_layers=moe_layers, num_experts=num_experts)
+        model = config.model.name_or_path or engine_model_dir(hf_config)
+        return VLLMEngine(model, VLLMOptions.from_config(config, seed=config.trainer.seed,
+                                                         hf_config=hf_config),
+                          moe_layers=moe_layers, num_experts=num_experts, hf_config=hf_config)
     import torch
     import transformers
 
@@ -105,6 +103,39 @@ def build_engine(config: Config, hf_config: dict[str, Any], *, rank: int, world_
     model = transformers.AutoModelForCausalLM.from_config(hf, dtype=getattr(torch,
                                                                            config.model.dtype))
     return HFEngine(model)
+
+
+def prepare_engine_platform(config: Config) -> None:
+    """Process-wide set-up the rollout engine needs before anything imports Triton (megatron-core
+    does): vLLM on the CPU with R3 runs its Triton kernels under Triton's interpreter
+    (`megarl.rollout.vllm_cpu`), which must be chosen before ``triton.language`` loads."""
+    if config.rollout.engine != "vllm" or config.model.replay_mode() != "r3":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        from megarl.rollout import vllm_cpu
+
+        vllm_cpu.install()
+
+
+def engine_model_dir(hf_config: dict[str, Any]) -> str:
+    """A model built from ``model.hf_config`` (no checkpoint) as a directory vLLM can build from:
+    its ``config.json`` only, since the engine starts with dummy weights and the first sync
+    writes every one. A temporary directory of this process, removed at exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    import transformers
+
+    hf = transformers.AutoConfig.for_model(**hf_config)
+    if not hf.architectures:
+        hf.architectures = [transformers.AutoModelForCausalLM._model_mapping[type(hf)].__name__]
+    path = tempfile.mkdtemp(prefix="megarl-engine-model-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    hf.save_pretrained(path)
+    return path
 
 
 def model_source(config: Config) -> tuple[dict[str, Any], Any]:

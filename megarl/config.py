@@ -294,7 +294,10 @@ class RolloutConfig:
     tp: int = 1
     gpu_memory_utilization: float = 0.6
     enforce_eager: bool = False
-    moe_backend: MoeBackend = "triton"  # vLLM's MoE kernels; must support in-place reload
+    # vLLM's MoE kernels (must support in-place reload): auto = triton on CUDA, the CPU's own
+    moe_backend: MoeBackend = "auto"
+    kv_cache_gib: float | None = None  # vLLM's KV cache; None: gpu_memory_utilization (CUDA),
+    #                                    room for one step's sequences (CPU)
     sync_bucket_mb: float = 512  # weight sync: MiB gathered and loaded at a time
 
     def check(self) -> None:
@@ -316,6 +319,8 @@ class RolloutConfig:
             )
         if not self.sync_bucket_mb > 0:
             raise ConfigError("rollout.sync_bucket_mb", self.sync_bucket_mb, "must be > 0")
+        if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
+            raise ConfigError("rollout.kv_cache_gib", self.kv_cache_gib, "must be > 0 (or null)")
 
     @property
     def sync_bucket_bytes(self) -> int:

@@ -100,9 +100,11 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path | None) -> list[P
     if not config.data.eval:
         raise UserError("data.eval is empty: name the benchmarks to evaluate, e.g. "
                         "data.eval=[toy:arithmetic] or a dataset path")
+    from megarl.assemble import build_engine, build_tokenizer, prepare_engine_platform
+
+    prepare_engine_platform(config)
     import torch.distributed as dist
 
-    from megarl.assemble import build_engine, build_tokenizer
     from megarl.checkpointing import latest_checkpoint, load_checkpoint
     from megarl.megatron.policy import Policy
     from megarl.rollout.sync import sync_weights

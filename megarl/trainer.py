@@ -28,6 +28,7 @@ from megarl.assemble import (
     build_prompt_source,
     build_tokenizer,
     model_source,
+    prepare_engine_platform,
 )
 from megarl.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from megarl.config import Config
@@ -66,6 +67,7 @@ def step_seed(seed: int, step: int, round_: int, group: int = 0) -> int:
 
 class Trainer:
     def __init__(self, config: Config, *, run_dir: Path | None = None) -> None:
+        prepare_engine_platform(config)
         from megarl.megatron.policy import Policy
 
         self.config = config

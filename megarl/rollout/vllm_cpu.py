@@ -9,8 +9,10 @@ module registers one: a driver that is always active, reports the CPU as its tor
 compiles nothing (under the interpreter nothing is compiled). It costs speed, not correctness:
 ~30 generated tokens/s on a small batch, against ~1.5k without route capture.
 
-`install()` must run BEFORE ``import vllm`` (vLLM decides at import whether Triton works and
-``triton.jit`` reads ``TRITON_INTERPRET`` when a kernel is defined). Like
+`install()` must run BEFORE ``import vllm`` and before ``triton.language`` loads (vLLM decides
+at import whether Triton works; ``triton.jit`` reads ``TRITON_INTERPRET`` when a function is
+defined, Triton's own ``tl.max`` & co. included, and megatron-core imports them): the trainer
+and ``megarl eval`` call it through `megarl.assemble.prepare_engine_platform` first thing. Like
 `megarl.megatron.cpu` for megatron-core it refuses to run where CUDA is visible, so a GPU run
 can never be silently put under the interpreter. The vLLM engine calls it on the CPU when
 routes are wanted; nothing else in megarl imports it.
@@ -84,8 +86,11 @@ def install() -> None:
     if torch.cuda.is_available():
         raise RuntimeError("megarl.rollout.vllm_cpu is for machines without a GPU; a CUDA run "
                            "uses vLLM's compiled Triton kernels")
-    if "vllm" in sys.modules:
-        raise RuntimeError("megarl.rollout.vllm_cpu.install() must run before `import vllm`")
+    early = [m for m in ("vllm", "triton.language") if sys.modules.get(m) is not None]
+    if early:
+        raise RuntimeError(f"megarl.rollout.vllm_cpu.install() must run before {early[0]} is "
+                           "imported (megarl.assemble.prepare_engine_platform does, before "
+                           "megatron-core loads Triton)")
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
     from triton.backends import Backend, backends
