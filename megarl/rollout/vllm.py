@@ -57,6 +57,7 @@ SLEEP_LEVEL = 2  # discard weights and KV cache; the next sync rewrites every we
 Platform = Literal["cuda", "cpu"]
 # vLLM 0.32's CPU attention kernels (v1/attention/backends/cpu_attn.py)
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+CPU_MOE_ALIGNMENT = 32  # vLLM 0.32's CPU MoE kernel (CPUUnquantizedExperts.output_alignment)
 MIN_CPU_KV_CACHE_BYTES = 64 << 20
 CPU_MAX_SEQS = 256  # vLLM's default max_num_seqs: the most sequences it runs at once
 
@@ -139,10 +140,18 @@ def kv_bytes_per_token(hf_config: Mapping[str, Any], dtype: str) -> int:
     return 2 * int(hf_config["num_hidden_layers"]) * kv_heads * head_dim * size
 
 
-def check_model_on_platform(hf_config: Mapping[str, Any], platform: Platform) -> None:
+def check_model_on_platform(hf_config: Mapping[str, Any], platform: Platform,
+                            tp: int = 1) -> None:  # fmt: skip
     """What vLLM's CPU build cannot run, as a one-line error before vLLM starts."""
     if platform != "cpu":
         return
+    moe_ffn = hf_config.get("moe_intermediate_size")
+    if hf_config.get("num_experts") and moe_ffn and (int(moe_ffn) // tp) % CPU_MOE_ALIGNMENT:
+        raise ConfigError("model.hf_config.moe_intermediate_size", moe_ffn,
+                          f"vLLM's CPU MoE kernel pads each TP rank's share (here "
+                          f"{int(moe_ffn) // tp}) to a multiple of {CPU_MOE_ALIGNMENT} and cannot "
+                          "reload weights into the padding: make moe_intermediate_size / "
+                          f"rollout.tp a multiple of {CPU_MOE_ALIGNMENT}")
     heads = int(hf_config["num_attention_heads"])
     head_dim = int(hf_config.get("head_dim") or int(hf_config["hidden_size"]) // heads)
     if head_dim not in CPU_HEAD_SIZES:
@@ -382,7 +391,7 @@ class VLLMEngine:
             any(self.moe_layers)
         options.check(self.platform)
         if hf_config is not None:
-            check_model_on_platform(hf_config, self.platform)
+            check_model_on_platform(hf_config, self.platform, options.tp)
         if llm is None:
             check_launch_environment()
             if self.platform == "cpu" and options.routed_experts:
@@ -414,17 +423,25 @@ class VLLMEngine:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UserError("generate: every prompt needs at least one token")
         outputs = self.llm.generate([{"prompt_token_ids": list(map(int, p))} for p in prompts],
-                                    self._sampling_params(sampling), use_tqdm=False)
+                                    self._sampling_params(sampling, len(prompts)),
+                                    use_tqdm=False)
         routes = self._shared_routes(outputs)
         moe_layers = self.moe_layers if self.wants_routes else None
         return RolloutBatch([rollout_from_output(o, moe_layers, self.num_experts, r)
                              for o, r in zip(outputs, routes, strict=True)])
 
-    def _sampling_params(self, sampling: SamplingParams) -> Any:
+    def _sampling_params(self, sampling: SamplingParams, n: int) -> list[Any]:
+        """One ``vllm.SamplingParams`` per prompt. A seeded call gives request ``i`` the seed
+        ``seed + i``: vLLM seeds each request on its own, so one seed for all would sample the
+        same response for every copy of a prompt (a GRPO group with no spread to learn from)."""
         if not sampling.ignore_eos and self.eos_token_ids:
             stop = tuple(dict.fromkeys((*sampling.stop_token_ids, *self.eos_token_ids)))
             sampling = dataclasses.replace(sampling, stop_token_ids=stop)
-        return self._vllm.SamplingParams(**sampling_kwargs(sampling))
+        kwargs = sampling_kwargs(sampling)
+        if sampling.seed is None:
+            return [self._vllm.SamplingParams(**kwargs)] * n
+        return [self._vllm.SamplingParams(**(kwargs | {"seed": (sampling.seed + i) % 2**63}))
+                for i in range(n)]
 
     def _shared_routes(self, outputs: Sequence[Any]) -> list[Any]:
         """Per output, the routes to use: its own, or (``tp > 1``) the engine group's first

@@ -124,7 +124,7 @@ def case_routes(root: Path) -> None:
     worst_logp = 0.0
     for r in cold:
         captured: list[torch.Tensor] = []
-        hooks = [m.register_forward_hook(lambda mod, a, out: captured.append(out[2]))
+        hooks = [m.register_forward_hook(lambda mod, a, out, c=captured: c.append(out[2]))
                  for m in routers]
         with torch.no_grad():
             logits = hf(r.token_ids[None]).logits[0].float()
@@ -140,11 +140,12 @@ def case_routes(root: Path) -> None:
     report("routes", "vs_transformers", mismatched_rows == 0 and total_rows > 0,
            mismatched=mismatched_rows, rows=total_rows)
     report("routes", "logp_vs_transformers", worst_logp <= TOL, max_abs=worst_logp)
+    seed = 11 + len(prompts) - 1  # the long prompt's own seed in the cold batch
     outputs = eng.llm.generate([{"prompt_token_ids": long_prompt}],
-                               eng._sampling_params(sampling(11, max_tokens=8)),
+                               eng._sampling_params(sampling(seed, max_tokens=8), 1),
                                use_tqdm=False)  # the same request again: its prefix is cached
     cached = int(outputs[0].num_cached_tokens or 0)
-    warm = eng.generate([long_prompt], sampling(11, max_tokens=8)).rollouts[0]
+    warm = eng.generate([long_prompt], sampling(seed, max_tokens=8)).rollouts[0]
     same = torch.equal(warm.token_ids, cold[-1].token_ids) and \
         torch.equal(warm.routed_experts, cold[-1].routed_experts)
     report("routes", "prefix_cache_hit_same_rows", cached > 0 and same, cached_tokens=cached,

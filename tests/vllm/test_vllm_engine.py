@@ -21,10 +21,11 @@ pytestmark = pytest.mark.vllm
 ROOT = Path(__file__).resolve().parents[2]
 CASES = Path(__file__).with_name("cases.py")
 # A tiny Qwen3-MoE vLLM's CPU kernels can run: head_dim 32 (its CPU attention needs >= 32),
-# 2 KV heads (Megatron TP2), layer 0 dense so the dense columns of vLLM's routes are dropped.
+# 2 KV heads (Megatron TP2), expert FFN 64 (32 per rank of a TP2 engine: the CPU MoE kernel's
+# alignment), layer 0 dense so the dense columns of vLLM's routes are dropped.
 TINY = {
     "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 128,
-    "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
+    "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 64,
     "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
     "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True,
     "decoder_sparse_step": 1, "mlp_only_layers": [0], "rms_norm_eps": 1e-6,
