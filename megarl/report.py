@@ -56,8 +56,8 @@ FIGURES: tuple[Figure, ...] = (
     Figure("Importance ratio", "ratio.png", ("ratio/*", "seq_ratio/*"), "pi / pi_old"),
     Figure("Train vs rollout mismatch", "mismatch.png",
            ("rollout/logp_abs_diff_*", "rollout/k3_kl"), "|logp diff|, k3 KL"),
-    Figure("Router replay disagreement", "router_replay.png", ("router/replay_disagreement",),
-           "fraction"),
+    Figure("Router replay disagreement", "router_replay.png",
+           ("router/replay_disagreement", "router/train_replay_disagreement"), "fraction"),
 )
 
 Series = dict[str, tuple[list[int], list[float]]]

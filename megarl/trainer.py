@@ -168,6 +168,8 @@ class Trainer:
         timings["time/sync"] = time.perf_counter() - t0
         for r in results:  # the mean over the step's updates
             for k, v in r.metrics.items():
+                if k.startswith("router/"):  # the old-log-prob pass's keep their names
+                    k = "router/train_" + k.removeprefix("router/")
                 metrics[k] = metrics.get(k, 0.0) + v / len(results)
         metrics["train/lr"] = lr
         timings["time/step"] = time.perf_counter() - start

@@ -233,7 +233,7 @@ def case_replay(root: Path, layout: str) -> None:
     assert not result.skipped
     eng.sleep()
     sync_weights(models, eng, config, bucket_bytes=64 << 10)
-    after = rollouts_of(eng, seed=9)
+    after = eng.generate(PROMPTS, sampling(9)).rollouts  # the whole batch on every rank
     new = megatron_logprobs(models, after, replayer, tp)
     err_after = worst(new, after)
     disagreement = replayer.last_metrics["router/replay_disagreement"]
