@@ -46,8 +46,6 @@ def measure(engine_name: str, model_dir: Path, prompts: int, prompt_len: int,
             response_len: int, repeats: int) -> dict[str, Any]:  # fmt: skip
     """One engine in this process: tokens/s and the seconds of one sync."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        os.environ.setdefault(key, value)
     if engine_name == "vllm-r3":
         from megarl.rollout import vllm_cpu
 
