@@ -149,7 +149,7 @@ def main() -> int:
                         help=argparse.SUPPRESS)  # a child process: measure one engine
     args = parser.parse_args()
     defaults = ({"prompts": 4, "prompt_len": 16, "response_len": 4, "repeats": 1} if args.smoke
-                else {"prompts": 32, "prompt_len": 64, "response_len": 32, "repeats": 3})
+                else {"prompts": 16, "prompt_len": 64, "response_len": 16, "repeats": 2})
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

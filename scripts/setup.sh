@@ -7,26 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-is_ok() {  # a runnable interpreter, version >= 3.12
-    [ -n "$1" ] && "$1" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1
-}
-
-find_python() {
-    local candidates=("${PYTHON:-}" python3.12)
-    if command -v pyenv >/dev/null 2>&1; then
-        local root
-        root="$(pyenv root)"
-        candidates+=("$root"/versions/3.12*/bin/python)
-    fi
-    candidates+=(python3)
-    for c in "${candidates[@]}"; do
-        if is_ok "$c"; then
-            echo "$c"
-            return 0
-        fi
-    done
-    return 1
-}
+# shellcheck source=scripts/find-python.sh
+source scripts/find-python.sh
 
 if [ -e .venv ] && ! is_ok .venv/bin/python; then
     echo "setup: .venv exists but has no Python >= 3.12; remove it and run again" >&2

