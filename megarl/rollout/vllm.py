@@ -122,7 +122,11 @@ class VLLMOptions:
         max_len = r.max_prompt_len + r.max_response_len
         kv = None if r.kv_cache_gib is None else int(r.kv_cache_gib * (1 << 30))
         if kv is None and hf_config is not None and current_platform() == "cpu":
-            groups = max(1, config.parallel.world_size // r.tp)
+            import torch.distributed as dist
+
+            world = config.parallel.world_size or \
+                (dist.get_world_size() if dist.is_initialized() else 1)
+            groups = max(1, world // r.tp)
             sequences = min(CPU_MAX_SEQS, -(-config.trainer.prompts_per_step * r.n_samples
                                             // groups))
             kv = max(MIN_CPU_KV_CACHE_BYTES,

@@ -371,6 +371,10 @@ def test_kv_cache_from_the_config_on_the_cpu(monkeypatch) -> None:
     assert VLLMOptions.from_config(big, seed=0, hf_config=hf).kv_cache_bytes == need
     set_ = load_config(quickstart, ["rollout.engine=vllm", "rollout.kv_cache_gib=0.5"])
     assert VLLMOptions.from_config(set_, seed=0, hf_config=hf).kv_cache_bytes == 512 << 20
+    unknown_world = load_config(quickstart, ["rollout.engine=vllm", "parallel.world_size=null",
+                                             "rollout.max_response_len=4000",
+                                             "model.hf_config.max_position_embeddings=8192"])
+    assert VLLMOptions.from_config(unknown_world, seed=0, hf_config=hf).kv_cache_bytes == need
     monkeypatch.setattr(vllm_engine, "current_platform", lambda: "cuda")
     assert VLLMOptions.from_config(c, seed=0, hf_config=hf).kv_cache_bytes is None
 
