@@ -419,3 +419,29 @@ def test_sync_protocol_one_streamed_load(monkeypatch, fake_vllm) -> None:
     lazy = cuda_engine(Lazy())
     with pytest.raises(RuntimeError, match="left 9 tensors unread"):
         sync_weights([], lazy, {}, bucket_bytes=3 << 10)
+
+
+def test_cpu_route_capture_shim_refuses_when_it_cannot_work(monkeypatch) -> None:
+    """`vllm_cpu.install()` only where no GPU is visible, and only before vLLM and Triton's
+    language module load (after that, Triton's own helpers stay compiled-mode functions the
+    interpreter cannot call)."""
+    import types
+
+    import os
+
+    from megarl.rollout import vllm_cpu
+
+    before = (os.environ.get("TRITON_INTERPRET"), os.environ.get("VLLM_USE_V2_MODEL_RUNNER"))
+    monkeypatch.setattr(vllm_cpu, "_installed", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(RuntimeError, match="without a GPU"):
+        vllm_cpu.install()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for module in ("vllm", "triton.language"):
+        monkeypatch.setitem(sys.modules, "vllm", None)
+        monkeypatch.setitem(sys.modules, "triton.language", None)
+        monkeypatch.setitem(sys.modules, module, types.ModuleType(module))
+        with pytest.raises(RuntimeError, match=rf"before {module} is imported"):
+            vllm_cpu.install()
+    after = (os.environ.get("TRITON_INTERPRET"), os.environ.get("VLLM_USE_V2_MODEL_RUNNER"))
+    assert after == before  # refused before changing anything
