@@ -425,9 +425,8 @@ def test_cpu_route_capture_shim_refuses_when_it_cannot_work(monkeypatch) -> None
     """`vllm_cpu.install()` only where no GPU is visible, and only before vLLM and Triton's
     language module load (after that, Triton's own helpers stay compiled-mode functions the
     interpreter cannot call)."""
-    import types
-
     import os
+    import types
 
     from megarl.rollout import vllm_cpu
 
