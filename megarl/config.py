@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import types
 import typing
@@ -510,6 +511,7 @@ class CheckpointConfig:
         if self.save_every < 0:
             raise ConfigError("checkpoint.save_every", self.save_every, "must be >= 0")
         _positive("checkpoint.keep_last", self.keep_last, allow_none=True)
+        _not_a_file("checkpoint.dir", self.dir)
 
 
 @dataclass
@@ -527,6 +529,14 @@ class LoggingConfig:
         if len(set(self.sinks)) != len(self.sinks):
             raise ConfigError("logging.sinks", self.sinks, "each sink at most once")
         _positive("logging.log_every", self.log_every)
+        _not_a_file("logging.dir", self.dir)
+
+
+def _not_a_file(path: str, directory: str | None) -> None:
+    """A directory the run will create or reuse must not be an existing file (checked by
+    ``plan`` too, before any model is built)."""
+    if directory is not None and Path(directory).expanduser().is_file():
+        raise ConfigError(path, directory, "is a file: give a directory (created if missing)")
 
 
 @dataclass
@@ -664,9 +674,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from a file; duplicate keys and non-mappings are errors."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"config file not found: {p}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason}); save the config "
+                        "as UTF-8") from None
     except OSError as e:
         raise UserError(f"cannot read config file {p}: {e.strerror}") from None
     try:
@@ -774,6 +787,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(path, value, "must be a finite number")
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -98,3 +98,33 @@ def test_main_in_process_returns_the_status(capsys) -> None:
 
     assert main(["plan", str(ROOT / QUICKSTART), "trainer.steps=0"]) == 2
     assert capsys.readouterr().err.startswith("error: trainer.steps=0")
+
+
+def test_non_finite_floats_bad_encoding_and_file_dirs_are_one_line(tmp_path: Path) -> None:
+    """Issue 18's config cases: inf / nan in any float field, a config that is not UTF-8, a run
+    or checkpoint directory that is a file: exit 2, one ``error:`` line, no traceback, and
+    ``train`` leaves no run directory behind."""
+    a_file = tmp_path / "not-a-dir"
+    a_file.write_text("x")
+    bad_utf8 = tmp_path / "bad.yaml"
+    bad_utf8.write_bytes(b"trainer:\n  steps: 3 # \xff\xfe\n")
+    cases = [
+        ((QUICKSTART, "trainer.lr=.inf"), "error: trainer.lr=inf: must be a finite number"),
+        ((QUICKSTART, "rollout.temperature=.nan"), "error: rollout.temperature=nan: must be a "
+                                                    "finite number"),
+        ((QUICKSTART, "algo.kl_beta=-.inf"), "error: algo.kl_beta=-inf: must be a finite"),
+        ((str(bad_utf8),), f"error: {bad_utf8}: not UTF-8 text (byte 22"),
+        ((QUICKSTART, f"logging.dir={a_file}"), f"error: logging.dir='{a_file}': is a file"),
+        ((QUICKSTART, f"checkpoint.dir={a_file}"), f"error: checkpoint.dir='{a_file}': is a "
+                                                   "file"),
+    ]
+    runs = tmp_path / "runs"
+    for args, expected in cases:
+        for command in ("plan", "train"):
+            extra = () if "logging.dir" in " ".join(args) else (f"logging.dir={runs}",)
+            r = megarl(command, *args, *extra)
+            assert r.returncode == 2, (command, args, r.stderr[-2000:])
+            assert "Traceback" not in r.stderr
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(expected), (command, args, lines)
+    assert not runs.exists()
