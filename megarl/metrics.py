@@ -34,7 +34,7 @@ import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -57,6 +57,34 @@ def metric_kind(name: str) -> Kind:
     if name.endswith("/sum") or name.startswith(("count/", "loss/")):
         return "sum"
     return "mean"
+
+
+def combine_updates(updates: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """One step's metrics from its optimizer updates' (each already global over micro-batches
+    and ranks), by kind across updates: minimum of minima, maximum of maxima, sum of counts
+    (``count/*``, ``*/sum``, ``train/num_*``, ``train/skipped_update``: skipped updates in the
+    step), mean of the rest (a ``loss/*`` total is per update, so its mean). A skipped update
+    (``train/skipped_update`` 1) contributes only its count: the step reports the good updates,
+    or all of them when every update was skipped."""
+    good = [u for u in updates if not u.get("train/skipped_update")] or list(updates)
+    out: dict[str, float] = {}
+    for name in dict.fromkeys(n for u in updates for n in u):
+        counted = name.startswith(("count/", "train/num_")) or name.endswith("/sum") or \
+            name == "train/skipped_update"
+        values = [float(u[name]) for u in (updates if name == "train/skipped_update" else good)
+                  if name in u]
+        if not values:
+            continue
+        kind = metric_kind(name)
+        if counted:
+            out[name] = float(sum(values))
+        elif kind == "min":
+            out[name] = min(values)
+        elif kind == "max":
+            out[name] = max(values)
+        else:
+            out[name] = sum(values) / len(values)
+    return out
 
 
 class MetricAccumulator:

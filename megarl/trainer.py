@@ -33,7 +33,7 @@ from megarl.assemble import (
 from megarl.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from megarl.config import Config
 from megarl.data.toy import is_toy
-from megarl.metrics import log_to_sinks, make_sinks
+from megarl.metrics import combine_updates, log_to_sinks, make_sinks
 from megarl.rollout.engine import Rollout, SamplingParams
 from megarl.rollout.groups import generate_across_groups
 from megarl.rollout.mismatch import logprob_mismatch
@@ -166,11 +166,10 @@ class Trainer:
         sync = sync_weights(self.policy.models, self.engine, self.policy.hf_config,
                             bucket_bytes=cfg.rollout.sync_bucket_bytes)
         timings["time/sync"] = time.perf_counter() - t0
-        for r in results:  # the mean over the step's updates
-            for k, v in r.metrics.items():
-                if k.startswith("router/"):  # the old-log-prob pass's keep their names
-                    k = "router/train_" + k.removeprefix("router/")
-                metrics[k] = metrics.get(k, 0.0) + v / len(results)
+        for k, v in combine_updates([r.metrics for r in results]).items():
+            if k.startswith("router/"):  # the old-log-prob pass's keep their names
+                k = "router/train_" + k.removeprefix("router/")
+            metrics[k] = v
         metrics["train/lr"] = lr
         timings["time/step"] = time.perf_counter() - start
         return metrics | sync | timings

@@ -191,3 +191,28 @@ def test_make_sinks_builds_the_configured_sinks_on_rank_zero(tmp_path: Path) -> 
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert make_sinks(LoggingConfig(sinks=["jsonl"]), tmp_path / "r1", rank=1) == []
     assert not (tmp_path / "r1").exists()
+
+
+def test_a_steps_updates_combine_by_kind_and_skip_the_skipped() -> None:
+    """Across a step's optimizer updates: max of maxima, min of minima, sum of counts, mean of
+    the rest; a skipped update adds only its count (issue 18: ``train_step`` used to average
+    every metric, ``ratio/max`` and ``count/tokens`` included, and NaNs of a skipped update
+    leaked into the step)."""
+    from megarl.metrics import combine_updates
+
+    first = {"ratio/max": 2.0, "ratio/min": 0.5, "count/tokens": 10.0, "loss/policy": 0.2,
+             "entropy/mean": 1.0, "train/num_tokens": 10.0, "train/skipped_update": 0.0}
+    second = {"ratio/max": 3.0, "ratio/min": 0.7, "count/tokens": 30.0, "loss/policy": 0.4,
+              "entropy/mean": 3.0, "train/num_tokens": 30.0, "train/skipped_update": 0.0}
+    skipped = {"ratio/max": math.nan, "count/tokens": 5.0, "loss/policy": math.nan,
+               "train/grad_norm": math.nan, "train/skipped_update": 1.0}
+    both = combine_updates([first, second])
+    assert both == {"ratio/max": 3.0, "ratio/min": 0.5, "count/tokens": 40.0,
+                    "loss/policy": pytest.approx(0.3), "entropy/mean": 2.0,
+                    "train/num_tokens": 40.0, "train/skipped_update": 0.0}
+    with_skip = combine_updates([first, skipped, second])
+    assert with_skip["train/skipped_update"] == 1.0 and with_skip["count/tokens"] == 40.0
+    assert with_skip["ratio/max"] == 3.0 and not any(math.isnan(v) for v in with_skip.values()
+                                                       if isinstance(v, float))
+    all_skipped = combine_updates([skipped, skipped])
+    assert all_skipped["train/skipped_update"] == 2.0 and math.isnan(all_skipped["ratio/max"])
