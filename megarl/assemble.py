@@ -87,9 +87,8 @@ def build_engine(config: Config, hf_config: dict[str, Any], *, rank: int, world_
                  moe_layers: tuple[bool, ...], num_experts: int) -> Any:  # fmt: skip
     """The rollout engine, with weights that the first sync overwrites."""
     if config.rollout.engine == "vllm":
-        from megarl.rollout.vllm import VLLMEngine, VLLMOptions, check_launch_environment
+        from megarl.rollout.vllm import VLLMEngine, VLLMOptions
 
-        check_launch_environment()
         model = config.model.name_or_path or engine_model_dir(hf_config)
         return VLLMEngine(model, VLLMOptions.from_config(config, seed=config.trainer.seed,
                                                          hf_config=hf_config),

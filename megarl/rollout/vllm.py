@@ -67,6 +67,7 @@ import torch
 from torch import Tensor
 
 from megarl.config import Config, MoeBackend
+from megarl.convert.mapping import Architecture
 from megarl.errors import ConfigError, UserError
 from megarl.rollout.engine import Rollout, RolloutBatch, SamplingParams, route_dtype
 
@@ -155,11 +156,9 @@ class VLLMOptions:
 
 def kv_bytes_per_token(hf_config: Mapping[str, Any], dtype: str) -> int:
     """K and V of one token in every layer: ``2 x layers x kv_heads x head_dim x bytes``."""
-    heads = int(hf_config["num_attention_heads"])
-    head_dim = int(hf_config.get("head_dim") or int(hf_config["hidden_size"]) // heads)
-    kv_heads = int(hf_config.get("num_key_value_heads") or heads)
+    arch = Architecture.from_hf(hf_config)
     size = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-    return 2 * int(hf_config["num_hidden_layers"]) * kv_heads * head_dim * size
+    return 2 * arch.num_layers * arch.groups * arch.head_dim * size
 
 
 def check_model_on_platform(hf_config: Mapping[str, Any], platform: Platform,
@@ -167,17 +166,16 @@ def check_model_on_platform(hf_config: Mapping[str, Any], platform: Platform,
     """What vLLM's CPU build cannot run, as a one-line error before vLLM starts."""
     if platform != "cpu":
         return
-    moe_ffn = hf_config.get("moe_intermediate_size")
-    if hf_config.get("num_experts") and moe_ffn and (int(moe_ffn) // tp) % CPU_MOE_ALIGNMENT:
-        raise ConfigError("model.hf_config.moe_intermediate_size", moe_ffn,
-                          f"vLLM's CPU MoE kernel pads each TP rank's share (here "
-                          f"{int(moe_ffn) // tp}) to a multiple of {CPU_MOE_ALIGNMENT} and cannot "
-                          "reload weights into the padding: make moe_intermediate_size / "
-                          f"rollout.tp a multiple of {CPU_MOE_ALIGNMENT}")
-    heads = int(hf_config["num_attention_heads"])
-    head_dim = int(hf_config.get("head_dim") or int(hf_config["hidden_size"]) // heads)
-    if head_dim not in CPU_HEAD_SIZES:
-        raise ConfigError("model.hf_config.head_dim", head_dim,
+    arch = Architecture.from_hf(hf_config)
+    share = arch.moe_ffn // tp
+    if arch.num_experts and arch.moe_ffn and share % CPU_MOE_ALIGNMENT:
+        raise ConfigError("model.hf_config.moe_intermediate_size", arch.moe_ffn,
+                          f"vLLM's CPU MoE kernel pads each TP rank's share (here {share}) to a "
+                          f"multiple of {CPU_MOE_ALIGNMENT} and cannot reload weights into the "
+                          f"padding: make moe_intermediate_size / rollout.tp a multiple of "
+                          f"{CPU_MOE_ALIGNMENT}")
+    if arch.head_dim not in CPU_HEAD_SIZES:
+        raise ConfigError("model.hf_config.head_dim", arch.head_dim,
                           f"vLLM's CPU attention supports head sizes "
                           f"{', '.join(map(str, CPU_HEAD_SIZES))}: use one of them, or "
                           "rollout.engine=hf")

@@ -380,7 +380,8 @@ def test_kv_cache_from_the_config_on_the_cpu(monkeypatch) -> None:
 
 
 def test_what_the_cpu_cannot_run_is_one_line() -> None:
-    moe = {"num_attention_heads": 4, "hidden_size": 64, "head_dim": 16, "num_experts": 4,
+    moe = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "vocab_size": 32,
+           "num_attention_heads": 4, "hidden_size": 64, "head_dim": 16, "num_experts": 4,
            "moe_intermediate_size": 32}
     with pytest.raises(ConfigError, match=r"model.hf_config.head_dim=16: .*32, 64"):
         check_model_on_platform(moe, "cpu")
