@@ -30,7 +30,12 @@ from megarl.assemble import (
     model_source,
     prepare_engine_platform,
 )
-from megarl.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from megarl.checkpointing import (
+    check_checkpoint,
+    load_checkpoint,
+    resume_point,
+    save_checkpoint,
+)
 from megarl.config import Config
 from megarl.data.toy import is_toy
 from megarl.metrics import combine_updates, log_to_sinks, make_sinks
@@ -68,13 +73,15 @@ def step_seed(seed: int, step: int, round_: int, group: int = 0) -> int:
 class Trainer:
     def __init__(self, config: Config, *, run_dir: Path | None = None) -> None:
         prepare_engine_platform(config)
-        from megarl.megatron.policy import Policy
+        from megarl.megatron.policy import Policy, start_distributed
 
         self.config = config
         name = config.logging.run_name or time.strftime("%Y%m%d-%H%M%S")
         self.run_dir = run_dir or Path(config.logging.dir) / name
         self.ckpt_dir = Path(config.checkpoint.dir) if config.checkpoint.dir else \
             self.run_dir / "checkpoints"
+        start_distributed()
+        resume_from = self._resume_point()  # verified before the model is built
         hf_config, checkpoint = model_source(config)
         self.policy = Policy(config, hf_config, checkpoint)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -86,7 +93,8 @@ class Trainer:
                                    num_experts=self.policy.arch.num_experts)
         self.eos = int(self.tokenizer.eos_token_id)
         self.step = 0
-        self._resume()
+        if resume_from is not None:
+            self._resume(resume_from)
         sync_weights(self.policy.models, self.engine, hf_config,
                      bucket_bytes=config.rollout.sync_bucket_bytes)
         if self.rank == 0:
@@ -303,18 +311,22 @@ class Trainer:
                            overwrite=True)
         return out
 
-    def _resume(self) -> None:
-        """Continue from ``checkpoint.resume``: 'auto' is the newest complete checkpoint of this
-        run (none: a fresh start), a path is that checkpoint, 'never' starts afresh."""
+    def _resume_point(self) -> Path | None:
+        """The checkpoint ``checkpoint.resume`` names, verified: 'auto' is the newest intact
+        checkpoint of this run (none: a fresh start; damaged newer ones are set aside), a path
+        is that checkpoint (damaged: a UserError), 'never' starts afresh."""
         resume = self.config.checkpoint.resume
         if resume == "never":
-            return
-        path = latest_checkpoint(self.ckpt_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            return
-        state = load_checkpoint(path, self.policy)
+            return None
+        if resume == "auto":
+            return resume_point(self.ckpt_dir)
+        path = Path(resume)
+        check_checkpoint(path)
+        return path
+
+    def _resume(self, path: Path) -> None:
+        state = load_checkpoint(path, self.policy, verified=True)
         self.step = int(state["step"])
         self.prompts.load_state_dict(state["data"])
         if self.rank == 0:
             print(f"resuming from {path} (step {self.step})", flush=True)
-

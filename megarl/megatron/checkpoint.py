@@ -484,6 +484,25 @@ def convert_megatron_to_hf(
 # ---- live models (the trainer) --------------------------------------------------------------
 
 
+@contextmanager
+def in_process_writer() -> Iterator[None]:
+    """megatron's synchronous `dist_checkpointing.save` without a helper process.
+
+    Its filesystem writer collects the write results in a queue from a ``multiprocessing``
+    Manager, a server process started (with a resource tracker) on the first save and kept for
+    the life of the trainer; a trainer killed on its own (SIGKILL, OOM killer) leaves both
+    running. A synchronous save writes in this process, so a plain queue is all it needs.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = filesystem_async._results_queue
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = previous
+
+
 def save_megatron_checkpoint(
     models: list[Any],
     ckpt_dir: str | Path,

@@ -23,6 +23,7 @@ from megatron.core import parallel_state as ps
 from megarl.config import Config, ModelFacts
 from megarl.convert.hf_io import HFCheckpoint
 from megarl.convert.mapping import Architecture
+from megarl.megatron.checkpoint import in_process_writer
 from megarl.megatron.loss import PolicyObjective
 from megarl.megatron.model import build_model, transformer_config_from_hf, wrap_ddp
 from megarl.megatron.optimizer import build_optimizer
@@ -184,7 +185,8 @@ class Policy:
         if dist.get_rank() == 0:
             directory.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        dist_checkpointing.save(self.sharded_state(), str(directory))
+        with in_process_writer():
+            dist_checkpointing.save(self.sharded_state(), str(directory))
 
     def load(self, directory: Path) -> None:
         # a fresh Adam has no state to load into: create it (a zero-gradient step, overwritten
