@@ -442,11 +442,15 @@ class TrainerConfig:
     grad_clip: float = 1.0
     seed: int = 42
     eval_every: int = 0  # 0 = never
+    # updates in a row that may be skipped (non-finite gradients) or undone (a non-finite
+    # policy after the update) before the run stops (megarl/megatron/update_guard.py)
+    max_bad_updates: int = 3
 
     def check(self) -> None:
         for name in ("steps", "prompts_per_step", "mini_batch_size", "micro_batch_size"):
             _positive(f"trainer.{name}", getattr(self, name))
         _positive("trainer.epochs", self.epochs)
+        _positive("trainer.max_bad_updates", self.max_bad_updates)
         if not self.lr > 0:
             raise ConfigError("trainer.lr", self.lr, "must be > 0")
         if not 0 <= self.min_lr <= self.lr:

@@ -22,3 +22,11 @@ class ConfigError(UserError):
     def __init__(self, field: str, value: object, allowed: str) -> None:
         self.field, self.value, self.allowed = field, value, allowed
         super().__init__(f"{field}={value!r}: {allowed}")
+
+
+class RunStopped(UserError):
+    """The run stopped itself rather than train on, or save, a policy that is not finite.
+
+    One line naming the step, what was not finite and what to do; no checkpoint is written for
+    that step, so ``checkpoint.resume=auto`` continues from the newest intact one.
+    """

@@ -59,20 +59,23 @@ def metric_kind(name: str) -> Kind:
     return "mean"
 
 
+_UPDATE_COUNTS = ("train/skipped_update", "train/undone_update")
+
+
 def combine_updates(updates: Sequence[Mapping[str, float]]) -> dict[str, float]:
     """One step's metrics from its optimizer updates' (each already global over micro-batches
     and ranks), by kind across updates: minimum of minima, maximum of maxima, sum of counts
-    (``count/*``, ``*/sum``, ``train/num_*``, ``train/skipped_update``: skipped updates in the
-    step), mean of the rest (a ``loss/*`` total is per update, so its mean). A skipped update
-    (``train/skipped_update`` 1) contributes only its count: the step reports the good updates,
-    or all of them when every update was skipped."""
+    (``count/*``, ``*/sum``, ``train/num_*``, ``train/skipped_update`` and
+    ``train/undone_update``: skipped and undone updates in the step), mean of the rest (a
+    ``loss/*`` total is per update, so its mean). A skipped update (``train/skipped_update`` 1)
+    contributes only its count: the step reports the good updates, or all of them when every
+    update was skipped."""
     good = [u for u in updates if not u.get("train/skipped_update")] or list(updates)
     out: dict[str, float] = {}
     for name in dict.fromkeys(n for u in updates for n in u):
-        counted = name.startswith(("count/", "train/num_")) or name.endswith("/sum") or \
-            name == "train/skipped_update"
-        values = [float(u[name]) for u in (updates if name == "train/skipped_update" else good)
-                  if name in u]
+        every = name in _UPDATE_COUNTS
+        counted = name.startswith(("count/", "train/num_")) or name.endswith("/sum") or every
+        values = [float(u[name]) for u in (updates if every else good) if name in u]
         if not values:
             continue
         kind = metric_kind(name)

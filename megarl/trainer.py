@@ -32,14 +32,16 @@ from megarl.assemble import (
 )
 from megarl.checkpointing import (
     check_checkpoint,
+    latest_checkpoint,
     load_checkpoint,
     resume_point,
     save_checkpoint,
 )
 from megarl.config import Config
 from megarl.data.toy import is_toy
+from megarl.errors import RunStopped
 from megarl.metrics import combine_updates, log_to_sinks, make_sinks
-from megarl.rollout.engine import Rollout, SamplingParams
+from megarl.rollout.engine import NonFiniteRollout, Rollout, SamplingParams, check_rollouts
 from megarl.rollout.groups import generate_across_groups
 from megarl.rollout.mismatch import logprob_mismatch
 from megarl.rollout.sync import sync_weights
@@ -93,6 +95,7 @@ class Trainer:
                                    num_experts=self.policy.arch.num_experts)
         self.eos = int(self.tokenizer.eos_token_id)
         self.step = 0
+        self.bad_updates_in_a_row = 0
         if resume_from is not None:
             self._resume(resume_from)
         sync_weights(self.policy.models, self.engine, hf_config,
@@ -169,6 +172,7 @@ class Trainer:
                 order = [samples[i] for i in torch.randperm(len(samples), generator=g)]
             for start_mb in range(0, len(order), size):
                 results.append(self.policy.train(order[start_mb:start_mb + size], spec, lr))
+                self._count_bad_update(results[-1])
         timings["time/train"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         sync = sync_weights(self.policy.models, self.engine, self.policy.hf_config,
@@ -181,6 +185,24 @@ class Trainer:
         metrics["train/lr"] = lr
         timings["time/step"] = time.perf_counter() - start
         return metrics | sync | timings
+
+    def _count_bad_update(self, result: Any) -> None:
+        """Stop the run (no checkpoint for this step) after ``trainer.max_bad_updates``
+        skipped or undone updates in a row."""
+        if not result.skipped:
+            self.bad_updates_in_a_row = 0
+            return
+        self.bad_updates_in_a_row += 1
+        limit = self.config.trainer.max_bad_updates
+        if self.bad_updates_in_a_row < limit:
+            return
+        newest = latest_checkpoint(self.ckpt_dir)
+        where = (f"checkpoint.resume=auto continues from {newest.name}" if newest is not None
+                 else "no checkpoint was written")
+        raise RunStopped(
+            f"step {self.step + 1}: {limit} updates in a row were skipped or undone (the last: "
+            f"{result.problem}); stopped without writing a checkpoint, {where}. Lower "
+            f"trainer.lr (now {self.config.trainer.lr:g}) or raise trainer.max_bad_updates")
 
     def evaluate(self) -> dict[str, float]:
         """``data.eval`` on the engine the step just synced: ``eval/<bench>/<metric>``."""
@@ -204,7 +226,14 @@ class Trainer:
         rounds = cfg.algo.max_sampling_rounds if cfg.algo.dynamic_sampling else 1
         for round_ in range(rounds):
             prompts = self.prompts.next_batch(want)
-            rollouts = self._generate([p.prompt_ids for p in prompts for _ in range(n)], round_)
+            try:
+                rollouts = self._generate([p.prompt_ids for p in prompts for _ in range(n)],
+                                          round_)
+                check_rollouts(rollouts)
+            except NonFiniteRollout as e:
+                raise RunStopped(f"step {self.step + 1}: {e}: the policy's weights have "
+                                 "diverged; lower trainer.lr and resume from an earlier "
+                                 "checkpoint") from e
             texts = [self.tokenizer.decode(r.response_ids.tolist()) for r in rollouts]
             answers = [p.answer for p in prompts for _ in range(n)]
             rewards, reward_metrics = self.rewards(texts, answers)
@@ -294,9 +323,14 @@ class Trainer:
     # ---- checkpoints --------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        return {"step": self.step, "data": self.prompts.state_dict()}
+        return {"step": self.step, "data": self.prompts.state_dict(),
+                "bad_updates_in_a_row": self.bad_updates_in_a_row}
 
     def save(self) -> None:
+        """This step's checkpoint; never one of a policy that is not finite."""
+        problem = self.policy.nonfinite_state()
+        if problem is not None:
+            raise RunStopped(f"step {self.step}: {problem}; not writing its checkpoint")
         save_checkpoint(self.ckpt_dir, self.step, self.policy, self.state(),
                         self.config.checkpoint.keep_last)
 
@@ -328,5 +362,6 @@ class Trainer:
         state = load_checkpoint(path, self.policy, verified=True)
         self.step = int(state["step"])
         self.prompts.load_state_dict(state["data"])
+        self.bad_updates_in_a_row = int(state.get("bad_updates_in_a_row", 0))
         if self.rank == 0:
             print(f"resuming from {path} (step {self.step})", flush=True)

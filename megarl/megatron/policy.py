@@ -37,6 +37,7 @@ from megarl.megatron.step import (
     compute_logprobs,
     train_step,
 )
+from megarl.megatron.update_guard import UpdateGuard, all_finite_over_world
 from megarl.megatron.weights import load_hf_weights
 
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -75,6 +76,7 @@ class Policy:
         attach_schedule_hooks(self.models)
         self.optimizer = build_optimizer(self.models, config.trainer,
                                          params_dtype=self.tconfig.params_dtype)
+        self.guard = UpdateGuard(self.models, self.optimizer)
         self.arch = Architecture.from_hf(self.hf_config)
         self.topk = int(self.hf_config.get("num_experts_per_tok") or 0)
         self.replayer = self.recorder = None
@@ -162,12 +164,32 @@ class Policy:
             p.copy_(w, non_blocking=False)
 
     def train(self, samples: list[TrainSample], spec: PolicyObjective, lr: float) -> StepResult:
-        """One optimizer step on a mini-batch (the same list on every rank)."""
+        """One optimizer step on a mini-batch (the same list on every rank); an update that
+        leaves the policy non-finite is undone (`UpdateGuard`) and reported as skipped."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        return train_step(self.models, self.optimizer,
-                          self.micro_batches(self.local_share(samples)), spec, self.options,
-                          replay=self.replayer)
+        mbs = self.micro_batches(self.local_share(samples))
+        self.guard.snapshot()
+        result = train_step(self.models, self.optimizer, mbs, spec, self.options,
+                            replay=self.replayer)
+        if result.skipped:
+            return result
+        problem = self.guard.nonfinite_state()
+        if problem is None:
+            # the new weights on one micro-batch (a virtual-pipeline schedule needs pp of them)
+            probe = mbs[: self.layout.pp if len(self.models) > 1 else 1]
+            rows = compute_logprobs(self.models, probe, self.options, replay=self.replayer)
+            if not all_finite_over_world(rows):
+                problem = "log-probs not finite after the update"
+        if problem is None:
+            return result
+        self.guard.restore()
+        metrics = result.metrics | {"train/skipped_update": 1.0, "train/undone_update": 1.0}
+        return dataclasses.replace(result, metrics=metrics, skipped=True, problem=problem)
+
+    def nonfinite_state(self) -> str | None:
+        """What is not finite in the parameters or optimizer state (None: all finite)."""
+        return self.guard.nonfinite_state()
 
     # ---- checkpoints --------------------------------------------------------------------------
 

@@ -62,6 +62,8 @@ class StepResult:
     num_tokens: int
     num_sequences: int
     skipped: bool
+    # why the update was skipped or undone (None: applied)
+    problem: str | None = None
 
 
 def attach_schedule_hooks(models: list[Any]) -> None:
@@ -220,6 +222,7 @@ def train_step(
         num_tokens=counts.num_tokens,
         num_sequences=counts.num_sequences,
         skipped=not finite,
+        problem=None if finite else "non-finite gradients",
     )
 
 
@@ -259,6 +262,7 @@ def _reduce_metrics(
             "train/num_tokens": float(counts.num_tokens),
             "train/num_sequences": float(counts.num_sequences),
             "train/skipped_update": float(skipped),
+            "train/undone_update": 0.0,  # megarl.megatron.policy: 1 when the guard undid it
         }
     )
     return metrics

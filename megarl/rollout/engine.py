@@ -56,6 +56,20 @@ class Rollout:
         return torch.cat([self.prompt_ids, self.response_ids])
 
 
+class NonFiniteRollout(RuntimeError):
+    """The policy's next-token distribution is not finite: its weights have diverged."""
+
+
+def check_rollouts(rollouts: Sequence[Rollout]) -> None:
+    """NonFiniteRollout when a sampled token's log-prob is NaN, infinite or above 0 (every
+    engine; `megarl.rollout.hf` checks the logits before it samples, too)."""
+    bad = sum(not bool((torch.isfinite(r.logprobs) & (r.logprobs <= 1e-4)).all())
+              for r in rollouts)
+    if bad:
+        raise NonFiniteRollout(f"{bad} of {len(rollouts)} responses have sampled-token "
+                               "log-probs that are NaN, infinite or above 0")
+
+
 @dataclass
 class RolloutBatch:
     rollouts: list[Rollout] = field(default_factory=list)

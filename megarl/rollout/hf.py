@@ -18,7 +18,13 @@ import torch
 from torch import Tensor
 
 from megarl.errors import UserError
-from megarl.rollout.engine import Rollout, RolloutBatch, SamplingParams, route_dtype
+from megarl.rollout.engine import (
+    NonFiniteRollout,
+    Rollout,
+    RolloutBatch,
+    SamplingParams,
+    route_dtype,
+)
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 
@@ -178,6 +184,9 @@ def _is_router(module: Any) -> bool:
 def _sample(logits: Tensor, sampling: SamplingParams, generator: torch.Generator):
     """Sampled token ids and their log-probs under the temperature (before top-k / top-p)."""
     logp = torch.log_softmax(logits.float() / sampling.temperature, dim=-1)
+    if torch.isnan(logp).any() or not torch.isfinite(logp.max(dim=-1).values).all():
+        raise NonFiniteRollout("the policy's next-token logits are not finite (NaN or "
+                               "infinite) before sampling")
     keep = torch.ones_like(logp, dtype=torch.bool)
     if 0 < sampling.top_k < logp.shape[-1]:
         kth = logp.topk(sampling.top_k, dim=-1).values[..., -1:]

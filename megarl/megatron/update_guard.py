@@ -1,0 +1,142 @@
+"""Finite updates only: an optimizer update that leaves the policy non-finite is undone.
+
+megatron skips an update whose gradients are not finite; this covers what that check cannot
+see: a finite gradient with a learning rate large enough that the new weights, the optimizer's
+moments or the log-probs they produce overflow (``trainer.lr=1e30`` writes weights of ~1e30
+that are finite themselves but turn the next forward pass into inf/nan). Before each update the
+guard keeps a host copy of what the update changes (this rank's model parameters, the optimizer's
+main parameters and moments); after it, it checks that those are finite and that one micro-batch
+of the update gives finite log-probs, and copies everything back when not.
+
+Cost: one host copy of this rank's share of the parameters and optimizer state per update, one
+pass over them for the check, and one forward pass of one micro-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megarl.metrics import comm_device
+
+
+def _inner_optimizers(optimizer: Any) -> list[Any]:
+    """The torch optimizers under megatron's (chained, distributed, fp32) wrappers."""
+    return [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def _model_parameters(models: list[Any]) -> list[Tensor]:
+    return [p for m in models for p in (m.module if hasattr(m, "module") else m).parameters()]
+
+
+@dataclass
+class _Snapshot:
+    params: list[Tensor]
+    main_params: list[list[Tensor]]
+    group_scalars: list[list[dict[str, Any]]]
+    states: list[dict[int, dict[str, Any] | None]] = field(default_factory=list)
+
+
+class UpdateGuard:
+    """``snapshot()`` before an update, ``problem()`` after it, ``restore()`` to undo it."""
+
+    def __init__(self, models: list[Any], optimizer: Any) -> None:
+        self.models, self.optimizer = models, optimizer
+        self._snapshot: _Snapshot | None = None
+
+    # ---- what an update changes ---------------------------------------------------------------
+
+    def _main_params(self) -> list[list[Tensor]]:
+        return [[p for group in opt.param_groups for p in group["params"]]
+                for opt in _inner_optimizers(self.optimizer)]
+
+    def snapshot(self) -> None:
+        """Keep a host copy of the parameters and optimizer state the next update changes."""
+        copy = lambda t: t.detach().to("cpu", copy=True)  # noqa: E731
+        mains = self._main_params()
+        states = []
+        for opt, params in zip(_inner_optimizers(self.optimizer), mains, strict=True):
+            saved: dict[int, dict[str, Any] | None] = {}
+            for i, p in enumerate(params):
+                state = opt.state.get(p)
+                saved[i] = None if not state else {
+                    k: copy(v) if isinstance(v, Tensor) else v for k, v in state.items()}
+            states.append(saved)
+        self._snapshot = _Snapshot(
+            params=[copy(p) for p in _model_parameters(self.models)],
+            main_params=[[copy(p) for p in params] for params in mains],
+            group_scalars=[[{k: v for k, v in g.items() if k != "params"}
+                            for g in opt.param_groups]
+                           for opt in _inner_optimizers(self.optimizer)],
+            states=states)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Undo the update: parameters, main parameters and optimizer state as snapshot."""
+        snap = self._snapshot
+        if snap is None:
+            raise RuntimeError("UpdateGuard.restore without a snapshot")
+        for p, saved in zip(_model_parameters(self.models), snap.params, strict=True):
+            p.copy_(saved)
+        mains = self._main_params()
+        for opt, params, saved_params, scalars, states in zip(
+                _inner_optimizers(self.optimizer), mains, snap.main_params, snap.group_scalars,
+                snap.states, strict=True):  # fmt: skip
+            for p, saved in zip(params, saved_params, strict=True):
+                p.copy_(saved)
+            for group, saved in zip(opt.param_groups, scalars, strict=True):
+                group.update(saved)
+            for i, p in enumerate(params):
+                if states[i] is None:  # before the first update: a fresh Adam's zeros (what
+                    for v in opt.state.get(p, {}).values():  # torch creates lazily; megatron
+                        if isinstance(v, Tensor):  # saves only a state that exists)
+                            v.zero_()
+                    continue
+                state = opt.state[p]
+                for k, v in states[i].items():
+                    if isinstance(v, Tensor) and isinstance(state.get(k), Tensor):
+                        state[k].copy_(v)
+                    else:
+                        state[k] = v.clone() if isinstance(v, Tensor) else v
+
+    # ---- the checks ---------------------------------------------------------------------------
+
+    def nonfinite_state(self) -> str | None:
+        """What is not finite among this world's parameters and optimizer state (None: all
+        finite); one MAX all-reduce, so every rank gets the same answer."""
+        bad = torch.zeros(3)
+        if not all(torch.isfinite(p).all() for p in _model_parameters(self.models)):
+            bad[0] = 1
+        mains = self._main_params()
+        if not all(torch.isfinite(p).all() for params in mains for p in params):
+            bad[1] = 1
+        for opt, params in zip(_inner_optimizers(self.optimizer), mains, strict=True):
+            for p in params:
+                for v in opt.state.get(p, {}).values():
+                    if isinstance(v, Tensor) and v.is_floating_point() and \
+                            not torch.isfinite(v).all():
+                        bad[2] = 1
+        bad = _max_over_world(bad)
+        names = ("parameters", "fp32 main parameters", "optimizer moments")
+        found = [name for name, flag in zip(names, bad.tolist(), strict=True) if flag]
+        return " and ".join(found) + " not finite" if found else None
+
+
+def _max_over_world(flags: Tensor) -> Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flags = flags.to(comm_device())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags = flags.cpu()
+    return flags
+
+
+def all_finite_over_world(tensors: list[Tensor]) -> bool:
+    """True when every rank's `tensors` are finite (one MAX all-reduce)."""
+    bad = torch.zeros(1)
+    if not all(torch.isfinite(t).all() for t in tensors):
+        bad[0] = 1
+    return _max_over_world(bad).item() == 0.0
