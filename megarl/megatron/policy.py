@@ -102,9 +102,12 @@ class Policy:
         per_rank = len(samples) // dp
         return samples[rank * per_rank:(rank + 1) * per_rank]
 
-    def micro_batches(self, local: list[TrainSample]) -> list[PackedMicroBatch]:
-        """`trainer.micro_batch_size` sequences per micro-batch, packed into one row each."""
-        count = max(1, math.ceil(len(local) / self.config.trainer.micro_batch_size))
+    def micro_batches(self, local: list[TrainSample],
+                      count: int | None = None) -> list[PackedMicroBatch]:  # fmt: skip
+        """`trainer.micro_batch_size` sequences per micro-batch (or `count` micro-batches),
+        packed into one row each."""
+        if count is None:
+            count = max(1, math.ceil(len(local) / self.config.trainer.micro_batch_size))
         tp = self.layout.tp if self.layout.sequence_parallel else 1
         zigzag = 2 * self.layout.cp if self.layout.cp > 1 else 1  # CP halves every sequence
         return make_micro_batches(local, num_micro_batches=count, seq_multiple=zigzag,
@@ -168,16 +171,17 @@ class Policy:
         leaves the policy non-finite is undone (`UpdateGuard`) and reported as skipped."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        mbs = self.micro_batches(self.local_share(samples))
+        local = self.local_share(samples)
         self.guard.snapshot()
-        result = train_step(self.models, self.optimizer, mbs, spec, self.options,
-                            replay=self.replayer)
+        result = train_step(self.models, self.optimizer, self.micro_batches(local), spec,
+                            self.options, replay=self.replayer)
         if result.skipped:
             return result
         problem = self.guard.nonfinite_state()
         if problem is None:
-            # the new weights on one micro-batch (a virtual-pipeline schedule needs pp of them)
-            probe = mbs[: self.layout.pp if len(self.models) > 1 else 1]
+            # the new weights on one sequence (a virtual-pipeline schedule needs pp of them)
+            k = min(len(local), self.layout.pp if len(self.models) > 1 else 1)
+            probe = self.micro_batches(local[:k], count=k)
             rows = compute_logprobs(self.models, probe, self.options, replay=self.replayer)
             if not all_finite_over_world(rows):
                 problem = "log-probs not finite after the update"

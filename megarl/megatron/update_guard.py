@@ -36,7 +36,7 @@ def _model_parameters(models: list[Any]) -> list[Tensor]:
 @dataclass
 class _Snapshot:
     params: list[Tensor]
-    main_params: list[list[Tensor]]
+    main_params: list[list[Tensor | None]]  # None: a view of a model parameter
     group_scalars: list[list[dict[str, Any]]]
     states: list[dict[int, dict[str, Any] | None]] = field(default_factory=list)
 
@@ -55,8 +55,20 @@ class UpdateGuard:
                 for opt in _inner_optimizers(self.optimizer)]
 
     def snapshot(self) -> None:
-        """Keep a host copy of the parameters and optimizer state the next update changes."""
-        copy = lambda t: t.detach().to("cpu", copy=True)  # noqa: E731
+        """Keep a host copy of the parameters and optimizer state the next update changes
+        (into the previous snapshot's host tensors when it has them)."""
+        old = self._snapshot
+        reuse = iter([] if old is None else [*old.params, *(t for ts in old.main_params
+                                                             for t in ts if t is not None)])
+        reuse_state = iter([] if old is None else [v for st in old.states for d in st.values()
+                                                   if d for v in d.values()])
+
+        def copy(t: Tensor, pool: Any) -> Tensor:
+            host = next(pool, None)
+            if isinstance(host, Tensor) and host.shape == t.shape and host.dtype == t.dtype:
+                return host.copy_(t.detach())
+            return t.detach().to("cpu", copy=True)
+
         mains = self._main_params()
         states = []
         for opt, params in zip(_inner_optimizers(self.optimizer), mains, strict=True):
@@ -64,11 +76,17 @@ class UpdateGuard:
             for i, p in enumerate(params):
                 state = opt.state.get(p)
                 saved[i] = None if not state else {
-                    k: copy(v) if isinstance(v, Tensor) else v for k, v in state.items()}
+                    k: copy(v, reuse_state) if isinstance(v, Tensor) else v
+                    for k, v in state.items()}
             states.append(saved)
+        model_params = _model_parameters(self.models)
+        # fp32 training: the optimizer's main parameters are views of the model's own memory,
+        # restored with it (one host copy, not two)
+        shared = {p.untyped_storage().data_ptr() for p in model_params}
         self._snapshot = _Snapshot(
-            params=[copy(p) for p in _model_parameters(self.models)],
-            main_params=[[copy(p) for p in params] for params in mains],
+            params=[copy(p, reuse) for p in model_params],
+            main_params=[[None if p.untyped_storage().data_ptr() in shared else copy(p, reuse)
+                          for p in params] for params in mains],
             group_scalars=[[{k: v for k, v in g.items() if k != "params"}
                             for g in opt.param_groups]
                            for opt in _inner_optimizers(self.optimizer)],
@@ -87,7 +105,8 @@ class UpdateGuard:
                 _inner_optimizers(self.optimizer), mains, snap.main_params, snap.group_scalars,
                 snap.states, strict=True):  # fmt: skip
             for p, saved in zip(params, saved_params, strict=True):
-                p.copy_(saved)
+                if saved is not None:
+                    p.copy_(saved)
             for group, saved in zip(opt.param_groups, scalars, strict=True):
                 group.update(saved)
             for i, p in enumerate(params):
