@@ -2,6 +2,7 @@
 
 Each part is chosen by one config field (``model.tokenizer``, ``data.train``, ``data.reward``,
 ``rollout.engine``); heavy dependencies are imported only for the choice that needs them.
+`check_paths` checks every file they will read, before any of them is built.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from megarl.config import Config
-from megarl.data.toy import ToySource, is_toy, leading_answer, toy_reward, toy_tokenizer
-from megarl.errors import UserError
+from megarl.data.prompts import check_source, looks_like_path
+from megarl.data.toy import ToySource, is_toy, leading_answer, toy_reward, toy_task, toy_tokenizer
+from megarl.errors import ConfigError, UserError
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], tuple[list[float], dict[str, float]]]
 
@@ -139,14 +141,125 @@ def engine_model_dir(hf_config: dict[str, Any]) -> str:
 
 def model_source(config: Config) -> tuple[dict[str, Any], Any]:
     """The HF config and the checkpoint to load (None: a model built from scratch)."""
-    if config.model.name_or_path is None:
+    path = model_dir(config)
+    if path is None:
         return dict(config.model.hf_config), None
     from megarl.convert.hf_io import HFCheckpoint
 
-    path = Path(config.model.name_or_path).expanduser()
-    if not path.is_dir():
-        raise UserError(f"model.name_or_path={config.model.name_or_path!r}: not a local "
-                        "checkpoint directory (download it first: huggingface-cli download)")
     checkpoint = HFCheckpoint(path)
     hf_config = dict(checkpoint.config) | dict(config.model.hf_config)
     return hf_config, (None if config.model.random_init else checkpoint)
+
+
+# --------------------------------------------------------------------------------------------
+# The files a run reads, checked up front
+# --------------------------------------------------------------------------------------------
+
+RESUME_KEYWORDS = ("auto", "never")
+# Files one of which AutoTokenizer needs in a local tokenizer directory.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                    "vocab.txt", "spiece.model")
+
+
+def check_paths(config: Config, *, evaluation: bool = False,
+                checkpoint: str | None = None) -> None:  # fmt: skip
+    """The files `megarl train` will read, checked before anything is built (and by ``megarl
+    plan``): the checkpoint ``model.name_or_path``, the tokenizer, ``data.train``, ``data.eval``
+    when the run evaluates (a hub dataset name passes: it is loaded or downloaded at start),
+    and ``checkpoint.resume`` when it is a path. Raises a one-line `UserError` naming the field.
+
+    ``evaluation``: what `megarl eval` reads instead (no ``data.train``, no resume), with its
+    ``--checkpoint``, which replaces ``model.name_or_path`` when it is an HF directory.
+    """
+    replaced = False
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        if not path.is_dir():
+            raise UserError(f"checkpoint {checkpoint}: not a directory (give a run directory, "
+                            "one of its checkpoints/step_* or an HF checkpoint directory)")
+        replaced = (path / "config.json").is_file()
+    if not replaced:
+        model_dir(config)
+    _check_tokenizer(config)
+    if not evaluation:
+        _check_data(config.data.train, "data.train")
+    if evaluation or config.trainer.eval_every:
+        for entry in config.data.eval:
+            _check_data(entry if is_toy(entry) else split_source(entry)[0], "data.eval")
+    if not evaluation:
+        _check_resume(config.checkpoint.resume)
+
+
+def model_dir(config: Config) -> Path | None:
+    """The local HF checkpoint directory ``model.name_or_path`` (None: a model built from
+    ``model.hf_config``); it holds ``config.json`` and, unless ``random_init``, the weights."""
+    name = config.model.name_or_path
+    if name is None:
+        return None
+    path = Path(name).expanduser()
+    field = "model.name_or_path"
+    if path.is_file():
+        raise ConfigError(field, name, "is a file: give the checkpoint's directory")
+    if not path.is_dir():
+        if looks_like_path(name):
+            raise ConfigError(field, name, "no such directory: give a local HF checkpoint "
+                              "directory (config.json and *.safetensors)")
+        raise ConfigError(field, name, "not a local checkpoint directory: download it "
+                          f"(huggingface-cli download {name} --local-dir DIR) and set "
+                          "model.name_or_path=DIR")
+    if not (path / "config.json").is_file():
+        raise ConfigError(field, name, "no config.json in it: give an HF checkpoint directory")
+    if not config.model.random_init and not any(path.glob("*.safetensors*")):
+        raise ConfigError(field, name, "no *.safetensors weights in it (set "
+                          "model.random_init=true to start from random weights)")
+    return path
+
+
+def split_source(entry: str) -> tuple[str, str]:
+    """A ``data.eval`` entry ``"SOURCE@SPLIT"`` -> (source, split); the split defaults to
+    ``test``."""
+    source, _, split = entry.partition("@")
+    return source, split or "test"
+
+
+def _check_tokenizer(config: Config) -> None:
+    field = "model.tokenizer" if config.model.tokenizer else "model.name_or_path"
+    name = config.model.tokenizer or config.model.name_or_path
+    if name is None:  # Config.validate refuses this
+        return
+    if is_toy(name):
+        toy_task(name, field)
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            raise ConfigError(field, name, "holds no tokenizer (tokenizer.json or "
+                              "tokenizer_config.json): give a tokenizer directory")
+    elif path.exists():
+        raise ConfigError(field, name, "is a file: give the tokenizer's directory")
+    elif looks_like_path(name):
+        raise ConfigError(field, name, "no such directory: give a tokenizer directory or an "
+                          "HF hub name")
+    # else a hub name: transformers loads it from its cache (or the hub) at start
+
+
+def _check_data(source: str, field: str) -> None:
+    if is_toy(source):
+        toy_task(source, field)
+    else:
+        check_source(source, field)
+
+
+def _check_resume(resume: str) -> None:
+    if resume in RESUME_KEYWORDS:
+        return
+    path = Path(resume).expanduser()
+    allowed = "give a step_* checkpoint directory, 'auto' (the newest in checkpoint.dir) or " \
+              "'never'"
+    if not path.is_dir():
+        raise ConfigError("checkpoint.resume", resume, f"no such directory: {allowed}")
+    from megarl.checkpointing import COMPLETE
+
+    if not (path / COMPLETE).is_file():
+        raise ConfigError("checkpoint.resume", resume, f"not a complete megarl checkpoint "
+                          f"(no {COMPLETE} file in it): {allowed}")

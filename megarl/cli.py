@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
+        if name == "plan":
+            p.add_argument("--skip-path-checks", action="store_true",
+                           help="do not check that the model, tokenizer, data and resume paths "
+                           "exist here (planning a run for another machine)")
         if name == "eval":
             p.add_argument("--checkpoint", metavar="PATH",
                            help="a run directory, one of its checkpoints/step_*, or an HF "
@@ -72,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "convert":
+        from megarl.startup import quiet_libraries
+
+        quiet_libraries(note=False)
         return run_conversion(args.direction, args)
     if args.command == "report":
         from megarl.report import write_report
@@ -79,14 +86,29 @@ def _dispatch(args: argparse.Namespace) -> int:
         for path in write_report(args.run_dir):
             print(path)
         return 0
+    from megarl.assemble import check_paths
     from megarl.config import load_config
 
     config = load_config(args.config, args.overrides)
     if args.command == "plan":
         from megarl.plan import print_plan
 
-        print_plan(config)
+        if not args.skip_path_checks:
+            try:
+                check_paths(config)
+            except UserError as e:
+                raise UserError(f"{e} (megarl plan --skip-path-checks plans a run for another "
+                                "machine without checking them)") from None
+        print_plan(config, paths_checked=not args.skip_path_checks)
         return 0
+    # before the model is built and the run directory made
+    if args.command == "train":
+        check_paths(config)
+    else:
+        check_paths(config, evaluation=True, checkpoint=args.checkpoint)
+    from megarl.startup import quiet_libraries
+
+    quiet_libraries()  # before megatron is imported
     if args.command == "train":
         from megarl.trainer import Trainer
 

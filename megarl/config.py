@@ -31,7 +31,8 @@ from typing import Any, Literal
 
 import yaml
 
-from megarl.errors import ConfigError, UserError
+from megarl.errors import ConfigError, Short, UserError
+from megarl.hf_checks import check_hf_config
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Sink = Literal["console", "progress", "jsonl", "tensorboard", "wandb"]
@@ -89,6 +90,9 @@ class ModelConfig:
             raise ConfigError(
                 "model.tokenizer", None, "required when there is no model.name_or_path"
             )
+        checkpoint = self.checkpoint_config()
+        check_hf_config({**(checkpoint or {}), **self.hf_config}, self.hf_config,
+                        complete=self.name_or_path is None or checkpoint is not None)
 
     def replay_mode(self, facts: ModelFacts | None = None) -> ReplayMode:
         """The routing replay mode: ``routing_replay`` with its shorthands resolved."""
@@ -100,18 +104,24 @@ class ModelConfig:
             return "r3" if mode else "off"
         return mode
 
+    def checkpoint_config(self) -> dict[str, Any] | None:
+        """The local checkpoint's config.json; None when there is none here."""
+        if self.name_or_path is None:
+            return None
+        path = Path(self.name_or_path).expanduser() / "config.json"
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read {path}: {_one_line(e)}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: not an HF config (a JSON object of fields)")
+        return data
+
     def known_config(self) -> dict[str, Any]:
         """The HF config as far as it is known offline: local config.json updated by hf_config."""
-        known: dict[str, Any] = {}
-        if self.name_or_path is not None:
-            path = Path(self.name_or_path).expanduser() / "config.json"
-            if path.is_file():
-                try:
-                    known.update(json.loads(path.read_text()))
-                except (OSError, json.JSONDecodeError) as e:
-                    raise UserError(f"cannot read {path}: {e}") from None
-        known.update(self.hf_config)
-        return known
+        return {**(self.checkpoint_config() or {}), **self.hf_config}
 
     def facts(self) -> ModelFacts:
         """Architecture numbers that constrain the parallel layout (None when unknown)."""
@@ -579,15 +589,8 @@ class Config:
         """Check every section, then the combinations across sections."""
         for section in dataclasses.fields(self):
             getattr(self, section.name).check()
-        facts = self.model.facts()
+        facts = self.model.facts()  # model.check() checked the HF config's fields
         self.parallel.check_model(facts)
-        topk = facts.moe_router_topk
-        if facts.num_experts and topk and topk > facts.num_experts:
-            raise ConfigError(
-                "model.hf_config.num_experts_per_tok",
-                topk,
-                f"must be <= num_experts={facts.num_experts}",
-            )
         replay = self.model.replay_mode(facts)
         if replay != "off" and facts.is_moe is False:
             raise ConfigError("model.routing_replay", self.model.routing_replay,
@@ -688,8 +691,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"cannot read config file {p}: {e.strerror}") from None
     try:
         data = yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
+    except _TooLarge as e:
+        raise UserError(f"{p}: {e}") from None
     except yaml.YAMLError as e:
         raise UserError(f"{p}: invalid YAML: {_one_line(e)}") from None
+    except RecursionError:
+        raise UserError(f"{p}: invalid YAML: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -701,7 +708,9 @@ def parse_scalar(text: str) -> Any:
     """An override value, parsed as YAML (``8`` -> int, ``1e-6`` -> float, ``null`` -> None)."""
     try:
         return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
-    except yaml.YAMLError:
+    except _TooLarge:
+        raise
+    except (yaml.YAMLError, RecursionError):
         return text
 
 
@@ -719,7 +728,10 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             where = ".".join(parents[: i + 1])
             raise ConfigError(where, child, f"is not a section, cannot set {key}")
         node = child
-    node[leaf] = parse_scalar(raw)
+    try:
+        node[leaf] = parse_scalar(raw)
+    except _TooLarge as e:
+        raise ConfigError(key, Short(raw), str(e)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -739,7 +751,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         if key not in names:
             hint = _suggest(str(key), names, prefix)
             allowed = f"unknown key{hint}; allowed: {', '.join(names)}"
-            raise ConfigError(path, _Short(value), allowed)
+            raise ConfigError(path, Short(value), allowed)
         kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)
 
@@ -836,28 +848,65 @@ def _suggest(word: Any, options: Sequence[Any], prefix: str = "") -> str:
     return f" (did you mean {full!r}?)"
 
 
-class _Short:
-    """A value whose repr is cut to one short line (for error messages)."""
-
-    def __init__(self, value: Any, limit: int = 60) -> None:
-        self.value, self.limit = value, limit
-
-    def __repr__(self) -> str:
-        text = repr(self.value)
-        return text if len(text) <= self.limit else text[: self.limit - 3] + "..."
-
-    def __eq__(self, other: object) -> bool:
-        return self.value == (other.value if isinstance(other, _Short) else other)
-
-    __hash__ = None  # type: ignore[assignment]
-
-
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+# A config is a few hundred values; aliases (``*a``) repeat their anchor's content, and a
+# "billion laughs" document of 1.4 KB expands into hundreds of millions of values when the
+# config is copied or saved. Documents that expand past this many values are refused.
+MAX_YAML_VALUES = 100_000
+
+
+class _TooLarge(yaml.YAMLError):
+    """A YAML document that expands past `MAX_YAML_VALUES`, or contains itself."""
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """The values (scalars, lists, mappings) of the document with every alias expanded, counted
+    over its distinct nodes (a shared node adds its size each time it appears), so a document
+    is refused before it is built; raises `_TooLarge` past `MAX_YAML_VALUES`."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()  # nodes on the current path: an alias to one is recursive
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        children = _children(node)
+        if finished:
+            open_.discard(id(node))
+            sizes[id(node)] = size = 1 + sum(sizes[id(c)] for c in children)
+            if size > MAX_YAML_VALUES:
+                raise _TooLarge(f"the YAML expands to more than {MAX_YAML_VALUES:,} values "
+                                "(an alias repeats its anchor's content); refused")
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in open_:
+            raise _TooLarge("a YAML alias refers to a node that contains it (a recursive "
+                            "document); refused")
+        open_.add(id(node))
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads ``1e-6`` as a float (YAML 1.2) and rejects duplicate keys."""
+    """SafeLoader that reads ``1e-6`` as a float (YAML 1.2), rejects duplicate keys and refuses
+    documents whose aliases expand past `MAX_YAML_VALUES` values."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_size(node)
+        return node
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()

@@ -24,6 +24,22 @@ class ConfigError(UserError):
         super().__init__(f"{field}={value!r}: {allowed}")
 
 
+class Short:
+    """A value whose repr is cut to one short line (for error messages); equal to the value."""
+
+    def __init__(self, value: object, limit: int = 60) -> None:
+        self.value, self.limit = value, limit
+
+    def __repr__(self) -> str:
+        text = repr(self.value)
+        return text if len(text) <= self.limit else text[: self.limit - 3] + "..."
+
+    def __eq__(self, other: object) -> bool:
+        return self.value == (other.value if isinstance(other, Short) else other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class RunStopped(UserError):
     """The run stopped itself rather than train on, or save, a policy that is not finite.
 

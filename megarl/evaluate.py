@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megarl.assemble import Rewards, build_prompt_source, model_source
+from megarl.assemble import Rewards, build_prompt_source, model_source, split_source
 from megarl.config import Config
 from megarl.errors import UserError
 from megarl.eval_metrics import ProblemResult, summarise
@@ -28,12 +28,6 @@ EVAL_SEED_OFFSET = 1_000_003  # toy eval problems are drawn away from the traini
 class Benchmark:
     name: str
     prompts: list[Any]  # items with ``prompt_ids`` and ``answer``
-
-
-def split_source(entry: str) -> tuple[str, str]:
-    """``"SOURCE@SPLIT"`` -> (source, split); the split defaults to ``test``."""
-    source, _, split = entry.partition("@")
-    return source, split or "test"
 
 
 def load_benchmark(config: Config, tokenizer: Any, entry: str) -> Benchmark:

@@ -57,8 +57,14 @@ def recipe(path: str | Path, overrides: Sequence[str] = ()) -> Any:
 
 
 def train(config: Config) -> None:
-    """The task every rank runs: validate the (possibly edited) config, then train."""
+    """The task every rank runs: validate the (possibly edited) config and the files it
+    names, then train."""
     config.validate()
+    from megarl.assemble import check_paths
+    from megarl.startup import quiet_libraries
+
+    check_paths(config)
+    quiet_libraries()
     from megarl.trainer import Trainer
 
     Trainer(config).fit()

@@ -15,8 +15,9 @@ from megarl.planning import count_params, estimate_memory, rank_layout
 Section = tuple[str, list[tuple[str, str]]]
 
 
-def plan_sections(config: Config) -> list[Section]:
-    """The plan as (section title, [(label, value)]) rows; pure, for printing and tests."""
+def plan_sections(config: Config, *, paths_checked: bool | None = None) -> list[Section]:
+    """The plan as (section title, [(label, value)]) rows; pure, for printing and tests.
+    ``paths_checked``: whether `megarl.assemble.check_paths` passed (None: not said)."""
     return [
         ("Model", _model(config)),
         *_parameters(config),
@@ -25,17 +26,18 @@ def plan_sections(config: Config) -> list[Section]:
         ("Objective", _objective(config)),
         ("Batches", _batches(config)),
         ("Rollout", _rollout(config)),
-        ("Data and logging", _data(config)),
+        ("Data and logging", _data(config, paths_checked)),
     ]
 
 
-def print_plan(config: Config, console: Console | None = None) -> None:
+def print_plan(config: Config, console: Console | None = None, *,
+               paths_checked: bool | None = None) -> None:  # fmt: skip
     """Print the plan as one table, a section per concern."""
     console = console or Console()
     table = Table(title="megarl plan", title_justify="left", show_header=False)
     table.add_column("field")
     table.add_column("value")
-    for i, (title, rows) in enumerate(plan_sections(config)):
+    for i, (title, rows) in enumerate(plan_sections(config, paths_checked=paths_checked)):
         if i:
             table.add_section()
         table.add_row(f"[bold magenta]{title}[/]", "")
@@ -197,16 +199,22 @@ def _rollout(c: Config) -> list[tuple[str, str]]:
     ]
 
 
-def _data(c: Config) -> list[tuple[str, str]]:
+def _data(c: Config, paths_checked: bool | None = None) -> list[tuple[str, str]]:
     d, lg = c.data, c.logging
     kept = "; ".join(f"{k} in {v}" for k, v in d.train_filter.items())
-    return [
+    rows = [
         ("train data", d.train + (f" (rows with {kept})" if kept else "")),
         ("eval data", ", ".join(d.eval) or "none"),
         ("reward", d.reward),
         ("metrics", ", ".join(lg.sinks) or "none"),
         ("run dir", f"{lg.dir}/{lg.run_name or '<timestamp>'}"),
+        ("resume", c.checkpoint.resume),
     ]
+    if paths_checked is not None:
+        rows.append(("paths", "model, tokenizer, data and resume checked on this machine "
+                     "(hub names load at start)" if paths_checked
+                     else "not checked (--skip-path-checks)"))
+    return rows
 
 
 def _kv(params: dict[str, Any]) -> str:

@@ -25,10 +25,10 @@ import torch
 from torch import Tensor
 
 from megarl.errors import UserError
+from megarl.hf_checks import SUPPORTED  # the architectures mapped here (torch-free there)
 
 Scheme = Literal["local", "te"]
 Kind = Literal["copy", "qkv", "gated"]
-SUPPORTED = ("qwen3_moe", "qwen3", "qwen2", "llama")
 
 
 class ConversionError(UserError):

@@ -259,6 +259,7 @@ def load_rows(
     """
     import datasets
 
+    check_source(source, field)
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():
@@ -271,19 +272,30 @@ def load_rows(
             return datasets.load_from_disk(str(path))
         return _load(field, source, lambda: datasets.load_dataset(str(path), split=split))
     if path.is_file():
-        builder = _FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
+        builder = _FILE_BUILDERS[path.suffix.lower()]
+        return _load(field, source, lambda: datasets.load_dataset(
+            builder, data_files=str(path), split="train"))
+    config = fmt.hub_config if fmt else None
+    return _load(field, source, lambda: datasets.load_dataset(source, config, split=split))
+
+
+def check_source(source: str, field: str = "data.train") -> None:
+    """What can be told of ``source`` without loading it (`load_rows` and ``megarl plan``): a
+    file is of a supported type and not empty, a path that cannot be a hub name exists. A hub
+    name passes: whether it downloads is known only when it is loaded."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return
+    if path.is_file():
+        if path.suffix.lower() not in _FILE_BUILDERS:
             raise ConfigError(field, source, "unsupported file type; use .jsonl, .json, "
                               ".parquet or a save_to_disk folder")
         if path.stat().st_size == 0:
             raise ConfigError(field, source, "the file is empty")
-        return _load(field, source, lambda: datasets.load_dataset(
-            builder, data_files=str(path), split="train"))
-    if _looks_like_path(source):
+        return
+    if looks_like_path(source):
         raise ConfigError(field, source, "no such file or directory; give an existing path "
                           "or a Hugging Face hub name")
-    config = fmt.hub_config if fmt else None
-    return _load(field, source, lambda: datasets.load_dataset(source, config, split=split))
 
 
 def check_key(rows: datasets.Dataset, key: str, field: str, source: str) -> None:
@@ -365,7 +377,8 @@ def _load(field: str, source: str, load: Any) -> datasets.Dataset:
         raise UserError(f"{field}={source!r}: cannot load: {reason}") from None
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
+    """A local path, never a hub name (``org/name``): absolute, relative, or a data file."""
     return (
         source.startswith(("/", ".", "~"))
         or source.count("/") > 1

@@ -157,8 +157,9 @@ def test_logprob_chunk_matches_the_train_step() -> None:
 
 def test_megarl_plan_says_the_30b_recipe_fits() -> None:
     env = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1"}
-    r = subprocess.run([sys.executable, "-m", "megarl", "plan", str(RECIPE)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
+    # the checkpoint and data are on the cluster, not here
+    r = subprocess.run([sys.executable, "-m", "megarl", "plan", str(RECIPE), "--skip-path-checks"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "30.532 B" in out and "3.353 B" in out
