@@ -161,6 +161,15 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
                     "vocab.txt", "spiece.model")
 
 
+def eval_checkpoint_dir(checkpoint: str | Path) -> Path:
+    """``megarl eval --checkpoint``'s directory, or a one-line UserError."""
+    path = Path(checkpoint).expanduser()
+    if not path.is_dir():
+        raise UserError(f"checkpoint {checkpoint}: not a directory (give a run directory, "
+                        "one of its checkpoints/step_* or an HF checkpoint directory)")
+    return path
+
+
 def check_paths(config: Config, *, evaluation: bool = False,
                 checkpoint: str | None = None) -> None:  # fmt: skip
     """The files `megarl train` will read, checked before anything is built (and by ``megarl
@@ -173,11 +182,7 @@ def check_paths(config: Config, *, evaluation: bool = False,
     """
     replaced = False
     if checkpoint is not None:
-        path = Path(checkpoint).expanduser()
-        if not path.is_dir():
-            raise UserError(f"checkpoint {checkpoint}: not a directory (give a run directory, "
-                            "one of its checkpoints/step_* or an HF checkpoint directory)")
-        replaced = (path / "config.json").is_file()
+        replaced = (eval_checkpoint_dir(checkpoint) / "config.json").is_file()
     if not replaced:
         model_dir(config)
     _check_tokenizer(config)

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megarl.assemble import Rewards, build_prompt_source, model_source, split_source
+from megarl.assemble import (
+    Rewards,
+    build_prompt_source,
+    eval_checkpoint_dir,
+    model_source,
+    split_source,
+)
 from megarl.config import Config
 from megarl.errors import UserError
 from megarl.eval_metrics import ProblemResult, summarise
@@ -105,10 +111,7 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path | None) -> list[P
 
     megarl_step = None
     if checkpoint is not None:
-        path = Path(checkpoint).expanduser()
-        if not path.is_dir():
-            raise UserError(f"checkpoint {checkpoint}: not a directory (give a run directory, "
-                            "one of its checkpoints/step_* or an HF checkpoint directory)")
+        path = eval_checkpoint_dir(checkpoint)
         if (path / "checkpoints").is_dir():
             path = path / "checkpoints"
         megarl_step = latest_checkpoint(path) if path.name == "checkpoints" else None
