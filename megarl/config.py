@@ -288,6 +288,15 @@ class ParallelConfig:
             raise ConfigError(
                 "parallel.ep", self.ep, f"must divide the model's {facts.num_experts} experts"
             )
+        if facts.vocab_size is not None and facts.vocab_size % self.tp:
+            raise ConfigError(
+                "parallel.tp", self.tp, f"must divide the vocabulary size {facts.vocab_size}"
+            )
+        if facts.is_moe and self.tp > 1 and not self.use_sequence_parallel:
+            raise ConfigError(
+                "parallel.sequence_parallel", False,
+                "must be true for MoE models with tp > 1 (megatron-core requires it in training)",
+            )
 
 
 @dataclass

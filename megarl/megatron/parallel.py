@@ -26,7 +26,6 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
 from megarl.config import ModelFacts, ParallelConfig
-from megarl.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -69,20 +68,11 @@ def init_process_group(backend: str | None = None, timeout_s: float = 600.0) -> 
 
 
 def check_layout(parallel: ParallelConfig, facts: ModelFacts, world_size: int) -> ParallelConfig:
-    """The resolved layout (dp filled in) or a one-line `ConfigError` naming the field."""
+    """The resolved layout (dp filled in) or a one-line `ConfigError` naming the field: the
+    rules are `ParallelConfig`'s (config validation and ``megarl plan`` apply the same)."""
     parallel.check()
     resolved = parallel.resolve(world_size)
     resolved.check_model(facts)
-    if facts.vocab_size is not None and facts.vocab_size % resolved.tp:
-        raise ConfigError(
-            "parallel.tp", resolved.tp, f"must divide the vocabulary size {facts.vocab_size}"
-        )
-    if facts.is_moe and resolved.tp > 1 and not resolved.use_sequence_parallel:
-        raise ConfigError(
-            "parallel.sequence_parallel",
-            False,
-            "must be true for MoE models with tp > 1 (megatron-core requires it in training)",
-        )
     return resolved
 
 
