@@ -1,4 +1,5 @@
-"""Policy losses: every objective of the seed papers, in pure torch (no Megatron, no vLLM).
+"""Policy losses: every objective of the papers megarl was built for, in pure torch (no
+Megatron, no vLLM).
 
     from megarl.losses import compute_policy_loss, POLICY_LOSSES
     loss, metrics = compute_policy_loss(
@@ -8,11 +9,11 @@
 Every loss is a per-token gradient weight F on the advantage (d loss / d log pi = -A F / N);
 each module's docstring gives its equations. Modules by family:
     clipped.py             grpo, dapo, dr_grpo, dapo_eps_high_inf
-    unbounded_positive.py  up_grpo, up_dapo, up_gspo (seed 000)
+    unbounded_positive.py  up_grpo, up_dapo, up_gspo (UP, Fan et al.)
     sequence.py            gspo, gmpo
-    soft_clip.py           cispo, gppo, ce_gppo, dgpo (seed 002), sapo
-    abc_grpo.py            abc_grpo (seed 003)
-    bapo.py                bapo (seed 004)
+    soft_clip.py           cispo, gppo, ce_gppo, dgpo (Fu et al., arXiv:2603.14389), sapo
+    abc_grpo.py            abc_grpo (Liu and Chen, arXiv:2601.03895)
+    bapo.py                bapo (Xi et al., arXiv:2510.18927)
     asymmetric.py          aspo, dppo
     reinforce.py           reinforce, up_symmetric, w_reinforce
 """

@@ -1,4 +1,4 @@
-"""ABC-GRPO (seed 003, Eqs. 5-8): four independent clip bounds and no min().
+"""ABC-GRPO (Liu and Chen, arXiv:2601.03895, Eqs. 5-8): four independent clip bounds and no min().
 
     r~ = clip(w, 1 - eps2, 1 + eps1)   if A > 0      (eps1: Q1 upper, eps2: Q2 lower)
        = clip(w, 1 - eps4, 1 + eps3)   if A <= 0     (eps3: Q4 upper, eps4: Q3 lower)
@@ -33,7 +33,7 @@ def abc_grpo(b: LossBatch, eps1: float, eps2: float, eps3: float, eps4: float) -
     def frac(x: Tensor) -> Tensor:
         return masked_mean(x & nonzero, b.mask)
 
-    metrics = {  # the paper's quadrant split of clipped tokens (§2.5 of seed-algorithms)
+    metrics = {  # the paper's quadrant split of clipped tokens
         "abc/ppo_style_frac": frac((pos & (wd >= hi)) | (~pos & (wd <= lo))),  # Q1 + Q3
         "abc/overcorrection_frac": frac((pos & (wd <= lo)) | (~pos & (wd >= hi))),  # Q2 + Q4
     }
@@ -50,5 +50,6 @@ register_policy_loss(
     params=dict(eps1=_eps("A>0 upper bound 1+eps1 (Q1)"), eps2=_eps("A>0 lower bound 1-eps2 (Q2)"),
                 eps3=_eps("A<=0 upper bound 1+eps3 (Q4)"),
                 eps4=_eps("A<=0 lower bound 1-eps4 (Q3)")),
-    summary="ABC-GRPO (seed 003): -clip(w, sign-dependent band) A, four bounds, no min()",
+    summary="ABC-GRPO (Liu and Chen, arXiv:2601.03895): -clip(w, sign-dependent band) A, "
+            "four bounds, no min()",
 )(abc_grpo)

@@ -1,4 +1,4 @@
-"""Sign-asymmetric trust regions: ASPO and DPPO (baselines of seed 000 Table 1).
+"""Sign-asymmetric trust regions: ASPO and DPPO (baselines in UP, Fan et al., Table 1).
 
 ASPO (Wang et al., arXiv 2510.06062; official code wizard-III/Archer2.0
 ``compute_policy_loss_archer``): for A > 0 the IS ratio is flipped to pi_old pi / sg(pi^2)

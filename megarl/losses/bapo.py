@@ -1,4 +1,5 @@
-"""BAPO (seed 004): PPO clip whose bounds [c_low, c_high] are searched on every update so that
+"""BAPO (Xi et al., arXiv:2510.18927): PPO clip whose bounds [c_low, c_high] are searched on
+every update so that
 positive tokens carry at least a share rho0 of the policy-gradient contribution.
 
     J = min( w A, clip(w, c_low, c_high) A )                         (Alg. 1 line 20)
@@ -203,5 +204,6 @@ register_policy_loss(
         c_high=Hyper(None, float, "fixed upper bound (skips the search)", low=1.0,
                      optional=True),
     ),
-    summary="BAPO (seed 004): PPO clip with [c_low, c_high] searched per update to reach rho0",
+    summary="BAPO (Xi et al., arXiv:2510.18927): PPO clip with [c_low, c_high] searched per "
+            "update to reach rho0",
 )(bapo)

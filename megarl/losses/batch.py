@@ -152,7 +152,7 @@ def sg(x: Tensor) -> Tensor:
 def weighted_log_prob_term(log_prob: Tensor, log_weight: Tensor) -> Tensor:
     """exp(log pi - sg(log pi) + sg(log F)): value F, gradient w.r.t. log pi exactly F.
 
-    The generic surrogate of seed-algorithms §0 (``w * sg(F / w)``) written in log space, so it
+    The generic surrogate (``w * sg(F / w)``) written in log space, so it
     stays finite when F or w alone would overflow (DGPO with log pi_old = -80).
     """
     return torch.exp(log_prob - sg(log_prob) + sg(log_weight))

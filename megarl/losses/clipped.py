@@ -1,6 +1,6 @@
 """PPO-clip objectives: GRPO, DAPO (clip-higher), Dr. GRPO, and DAPO's eps_high = inf ablation.
 
-    J = min( w A, clip(w, 1 - eps_low, 1 + eps_high) A )                 (GRPO Eq. 4 of seed 000;
+    J = min( w A, clip(w, 1 - eps_low, 1 + eps_high) A )                 (GRPO: Fan et al. Eq. 4;
                                                                           DAPO: eps_high = 0.28)
     dual clip (Ye et al. 2020), A < 0 only:  J = max( J, c A )           (verl's clip_ratio_c)
 
@@ -69,7 +69,7 @@ register_policy_loss(
     "dapo_eps_high_inf",
     params={**_PPO_PARAMS, "eps_high": Hyper(float("inf"), float, "upper clip (ablation: inf)",
                                              low=0.0)},
-    summary="seed 000 §5.3 ablation: DAPO with eps_high = inf (unclipped IS for A>0)",
+    summary="UP (Fan et al.) §5.3 ablation: DAPO with eps_high = inf (unclipped IS for A>0)",
 )(ppo_clip)
 register_policy_loss(
     "dr_grpo", params=_PPO_PARAMS, default_agg="seq-mean-token-sum-norm",

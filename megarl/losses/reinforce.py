@@ -1,7 +1,8 @@
-"""Ratio-free policy gradients: REINFORCE, W-REINFORCE, and seed 000's symmetric ablation.
+"""Ratio-free policy gradients: REINFORCE, W-REINFORCE, and UP's symmetric ablation (Fan et al.).
 
-    REINFORCE (seed 000 Eq. 1):  J = A log pi                      F = 1
-    up_symmetric (seed 000 §5.3): the same loss used off-policy over every mini-batch update of
+    REINFORCE (UP, Fan et al., Eq. 1):  J = A log pi                      F = 1
+    up_symmetric (UP, Fan et al., §5.3): the same loss used off-policy over every mini-batch
+        update of
         a rollout batch: UP's self-anchored ratio pi/sg(pi) applied to both signs of A.
     W-REINFORCE (Zhu et al. 2025, arXiv 2506.01347): lambda * PSR + NSR — positive samples
         weighted by lambda = 0.1. As in the official code (TianHongZXY/RLVR-Decomposed), it runs
@@ -38,7 +39,7 @@ register_policy_loss("reinforce", params={},
                      summary="REINFORCE: -A log pi (no ratio, no clip)")(reinforce)
 register_policy_loss(
     "up_symmetric", params={},
-    summary="seed 000 §5.3 ablation: unbounded self-anchored update for both signs of A",
+    summary="UP (Fan et al.) §5.3 ablation: unbounded self-anchored update for both signs of A",
 )(reinforce)
 register_policy_loss(
     "w_reinforce",

@@ -7,7 +7,7 @@ the weights of any aggregation mode (equal within a sequence), this has exactly 
 the sequence objective, and the sequence statistics only enter detached — so a context-parallel
 rank needs just an all-reduce of detached per-sequence sums, never a differentiable gather.
 
-GSPO (Eqs. 5-6 of seed 000), s_i = exp( (1/|o_i|) sum_t (log pi - log pi_old) ):
+GSPO (UP, Fan et al., Eqs. 5-6), s_i = exp( (1/|o_i|) sum_t (log pi - log pi_old) ):
     J_i = min( s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i ),   eps = 3e-4 / 4e-4
     d(sum_t l_it)/d log pi_it = -A_i s_i [s_i unclipped]          (token form, before 1/|o_i|)
 

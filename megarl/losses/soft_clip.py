@@ -1,8 +1,9 @@
 """Soft clipping: the gradient outside the trust region is reweighted, not zeroed.
 
-Each objective is given by its log-prob gradient weight F (seed 002 Eqs. 2-10; d loss/d log pi
-= -A F) and implemented with the log-space surrogate -A exp(log pi - sg(log pi) + sg(log F))
-(value -A F), except CISPO, which keeps MiniMax-M1's own form -sg(clip(w)) A log pi.
+Each objective is given by its log-prob gradient weight F (DGPO, Fu et al., arXiv:2603.14389,
+Eqs. 2-10; d loss/d log pi = -A F) and implemented with the log-space surrogate
+-A exp(log pi - sg(log pi) + sg(log F)) (value -A F), except CISPO, which keeps MiniMax-M1's own
+form -sg(clip(w)) A log pi.
 
     CISPO   F = clip(w, 1-eps_low, 1+eps_high)                  every token, both signs
     GPPO    F = 1-eps_low on LN, 1+eps_high on HP, w elsewhere   (CE-GPPO with beta1=beta2=1)
@@ -16,7 +17,8 @@ Each objective is given by its log-prob gradient weight F (seed 002 Eqs. 2-10; d
             F = 1 on-policy, decaying smoothly away from w = 1; no hard clip.
 
 CISPO's defaults follow MiniMax-M1 (no lower bound; eps_high 0.2 as verl's example, the paper
-does not state its tuned value); seed 002 ran it with eps_low = eps_high = 0.2.
+does not state its tuned value); DGPO (Fu et al., arXiv:2603.14389) ran it with
+eps_low = eps_high = 0.2.
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ register_policy_loss(
     params=dict(eps_low=eps_low(0.2), eps_high=eps_high(0.2),
                 n=Hyper(1, int, "LN polynomial decay order (0: no LN clip)", low=0),
                 m=Hyper(2, int, "HP reciprocal-radical order (1: GPPO on HP)", low=1)),
-    summary="DGPO (seed 002 Eqs. 9-10): F = w^(n+1)/(1-eps_low)^n on LN, "
+    summary="DGPO (Fu et al., arXiv:2603.14389, Eqs. 9-10): F = w^(n+1)/(1-eps_low)^n on LN, "
             "(1+eps_high)^(1/m) w^(1-1/m) on HP",
 )(dgpo)
 register_policy_loss(

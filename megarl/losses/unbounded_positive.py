@@ -1,4 +1,5 @@
-"""UP: Unbounded Positive asymmetric optimisation (seed 000; blog version and reference code 001).
+"""UP: "Unbounded Positive Asymmetric Optimization for Breaking the Exploration-Stability
+Dilemma" (Fan et al.), and its blog version "UP-GRPO" with reference code.
 
 For A > 0 the importance ratio is replaced by the self-anchored ratio pi / sg(pi) (Eq. 12), whose
 gradient is exactly REINFORCE's (Eq. 13): the per-token loss is -A log pi, F = 1 whatever w.
@@ -82,18 +83,18 @@ register_policy_loss(
     "up_grpo", default_agg="seq-mean-token-mean",
     params=dict(eps_low=eps_low(0.2), eps_high=replace(eps_high(0.2), doc=_UP_DOC),
                 dual_clip_c=dual_clip_c()),
-    summary="UP-GRPO (seed 000 Eq. 15): -A log pi for A>0, GRPO clip for A<=0",
+    summary="UP-GRPO (Fan et al., Eq. 15): -A log pi for A>0, GRPO clip for A<=0",
 )(up_token)
 register_policy_loss(
     "up_dapo",
     params=dict(eps_low=eps_low(0.2), eps_high=replace(eps_high(0.28), doc=_UP_DOC),
                 dual_clip_c=dual_clip_c()),
-    summary="UP-DAPO (seed 000 Eq. 14): -A log pi for A>0, DAPO clip for A<=0, token-mean",
+    summary="UP-DAPO (Fan et al., Eq. 14): -A log pi for A>0, DAPO clip for A<=0, token-mean",
 )(up_token)
 register_policy_loss(
     "up_gspo", level="sequence", default_agg="seq-mean-token-mean",
     params=dict(eps_low=eps_low(3e-4), eps_high=replace(eps_high(4e-4), doc=_UP_DOC),
                 dual_clip_c=dual_clip_c()),
-    summary="UP-GSPO (seed 000 Eq. 16/A7): length-normalised log-likelihood for A>0, GSPO "
+    summary="UP-GSPO (Fan et al., Eq. 16/A7): length-normalised log-likelihood for A>0, GSPO "
             "for A<=0",
 )(up_sequence)

@@ -1,5 +1,5 @@
 """Independent closed-form gradient weights F for the token-level losses, written from the
-papers' equations (seed-algorithms §4 table) in float64 — never from megarl's code.
+papers' equations in float64 — never from megarl's code.
 
 F(w, A) is the log-prob gradient weight: d(per-token loss)/d log pi = -A F.
 """

@@ -1,4 +1,5 @@
-"""BAPO's bound search (seed 004 Algorithm 1) against a plain-Python reference loop."""
+"""BAPO's bound search (Xi et al., arXiv:2510.18927, Algorithm 1) against a plain-Python
+reference loop."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The universal check (seed-algorithms §6): for every loss, autograd's gradient of the
+"""The universal check: for every loss, autograd's gradient of the
 aggregated loss w.r.t. each token's log-prob equals -A F / N, with F the paper's closed form
 (tests/unit/loss_references.py, float64) — on inputs that cover all five regions."""
 
@@ -82,7 +82,7 @@ def test_every_registered_loss_has_a_gradient_check():
 @pytest.mark.parametrize("name", ["up_grpo", "up_dapo"])
 @pytest.mark.parametrize("log_w", [math.log(1e-3), 0.0, math.log(1e3)])
 def test_up_positive_branch_is_reinforce_whatever_the_ratio(name, log_w):
-    """Seed 000 Eq. 13: for A > 0 the gradient is exactly -A / N, for w = 1e-3, 1 or 1e3."""
+    """UP (Fan et al.) Eq. 13: for A > 0 the gradient is exactly -A / N, for w = 1e-3, 1 or 1e3."""
     g = torch.Generator().manual_seed(1)
     old = -10 * torch.rand(4, 8, generator=g)
     lp = old + log_w
@@ -138,8 +138,8 @@ def f_dgpo_scalar(w, a, n, m):
 
 
 def test_dgpo_probability_space_weight():
-    """Seed 002 Eqs. 9, 20, 23: d loss / d pi = -A W / N with W = C_left pi^n on LN,
-    C_right pi^(-1/m) on HP and 1/pi_old elsewhere."""
+    """DGPO (Fu et al., arXiv:2603.14389) Eqs. 9, 20, 23: d loss / d pi = -A W / N with
+    W = C_left pi^n on LN, C_right pi^(-1/m) on HP and 1/pi_old elsewhere."""
     eps_low, eps_high, n, m = 0.2, 0.2, 1, 2
     pi_old = torch.tensor([[0.3, 0.3, 0.02, 0.02, 0.5, 0.5]], dtype=torch.float64)
     w = torch.tensor([[0.5, 1.6, 0.3, 2.0, 1.0, 0.5]], dtype=torch.float64)

@@ -32,7 +32,7 @@ def _recipe(name: str) -> Config:
 
 @pytest.mark.parametrize("name,loss", [("up_gspo_30b", "up_gspo"), ("gspo_30b", "gspo")])
 def test_30b_recipes_match_up_paper_tables_a1_a2(name: str, loss: str) -> None:
-    """Seed 000, Tables A1 / A2, sequence-level (MoE 30B) column."""
+    """UP (Fan et al.), Tables A1 / A2, sequence-level (MoE 30B) column."""
     c = _recipe(name)
     assert c.model.name_or_path == "Qwen/Qwen3-30B-A3B-Base"
     assert c.algo.loss == loss
@@ -88,7 +88,7 @@ def test_30b_hf_config_is_qwen3_30b_a3b() -> None:
 
 @pytest.mark.parametrize("name,loss", [("up_dapo_14b", "up_dapo"), ("dapo_14b", "dapo")])
 def test_14b_recipes_match_up_paper_tables_a1_a2(name: str, loss: str) -> None:
-    """Seed 000, Tables A1 / A2, token-level (dense 14B) column, with the DAPO paper's own
+    """UP (Fan et al.), Tables A1 / A2, token-level (dense 14B) column, with the DAPO paper's own
     ingredients that the UP paper's DAPO baseline implies."""
     c = _recipe(name)
     assert c.model.name_or_path == "Qwen/Qwen3-14B-Base"
@@ -122,7 +122,7 @@ def test_14b_recipes_match_up_paper_tables_a1_a2(name: str, loss: str) -> None:
 
 @pytest.mark.parametrize("name,loss", [("up_grpo_8b", "up_grpo"), ("grpo_8b", "grpo")])
 def test_8b_recipes_match_up_paper_tables_a3_a4(name: str, loss: str) -> None:
-    """Seed 000, Tables A3 / A4: Qwen3-8B on MATH levels 3-5, Pass@1 on five benchmarks."""
+    """UP (Fan et al.), Tables A3 / A4: Qwen3-8B on MATH levels 3-5, Pass@1 on five benchmarks."""
     c = _recipe(name)
     assert c.model.name_or_path == "Qwen/Qwen3-8B"
     assert c.algo.loss == loss
@@ -155,7 +155,7 @@ def test_8b_recipes_match_up_paper_tables_a3_a4(name: str, loss: str) -> None:
 
 
 def test_dgpo_recipe_matches_dgpo_paper() -> None:
-    """Seed 002, §5.1, App. B and Table 12, the 7B row."""
+    """DGPO (Fu et al., arXiv:2603.14389), §5.1, App. B and Table 12, the 7B row."""
     c = _recipe("dgpo_7b")
     assert c.model.name_or_path == "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
     assert c.algo.loss == "dgpo"
@@ -185,7 +185,8 @@ def test_dgpo_recipe_matches_dgpo_paper() -> None:
 
 
 def test_abc_grpo_recipe_matches_paper_and_authors_recipe() -> None:
-    """Seed 003 §5.1 and the authors' recipes/Qwen3-4B-Base/abc-grpo/config.yaml (TRL)."""
+    """ABC-GRPO (Liu and Chen, arXiv:2601.03895) §5.1 and the authors'
+    recipes/Qwen3-4B-Base/abc-grpo/config.yaml (TRL)."""
     c = _recipe("abc_grpo_4b")
     assert c.model.name_or_path == "Qwen/Qwen3-4B-Base"
     assert c.algo.loss == "abc_grpo"
@@ -212,7 +213,8 @@ def test_abc_grpo_recipe_matches_paper_and_authors_recipe() -> None:
 
 
 def test_bapo_recipe_matches_paper_and_authors_script() -> None:
-    """Seed 004 §5.1 (bound search) and the authors' recipe/bapo/run_bapo_example.sh (batch)."""
+    """BAPO (Xi et al., arXiv:2510.18927) §5.1 (bound search) and the authors'
+    recipe/bapo/run_bapo_example.sh (batch)."""
     c = _recipe("bapo_7b")
     assert c.model.name_or_path == "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
     assert c.algo.loss == "bapo"

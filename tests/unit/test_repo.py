@@ -75,3 +75,24 @@ def test_setup_scripts_pass_shellcheck() -> None:
     scripts = sorted(str(p) for p in (ROOT / "scripts").glob("*.sh"))
     proc = subprocess.run([shellcheck, *scripts], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_papers_are_cited_by_title_and_author_not_by_internal_file_names() -> None:
+    """Readers of this repository have no "seed" files: a paper is cited by its first author
+    (and arXiv id), and docs/losses.md lists the titles."""
+    internal = re.compile(r"\bseed[ -]?0\d\d\b|seed-algorithms|seed papers", re.IGNORECASE)
+    offenders = []
+    for folder in ("megarl", "docs", "examples", "slurm", "tools", "benchmarks", "tests"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix in (".py", ".md", ".yaml", ".sh") and path != Path(__file__):
+                for n, line in enumerate(path.read_text().splitlines(), 1):
+                    if internal.search(line):
+                        offenders.append(f"{path.relative_to(ROOT)}:{n}")
+    offenders += [f"README.md:{n}" for n, line in
+                  enumerate((ROOT / "README.md").read_text().splitlines(), 1)
+                  if internal.search(line)]
+    assert not offenders, offenders
+    losses = (ROOT / "docs" / "losses.md").read_text()
+    for citation in ("arXiv:2603.14389", "arXiv:2510.18927", "arXiv:2601.03895", "Fan et al.",
+                     "Unbounded Positive Asymmetric Optimization"):
+        assert citation in losses
