@@ -299,7 +299,7 @@ def check_sync(models: list[Any], engine: Any, hf: dict[str, Any], dtype: str,
     bucket = max(1 << 13, sum(t.numel() * t.element_size() for _, t in engine.hf_tensors())
                  // 16)  # ~16 buckets
     tracked = _TrackedEngine(engine, models)
-    metrics = sync_weights(models, tracked, hf, bucket_bytes=bucket)
+    metrics = sync_weights(export_hf_weights(models, hf), tracked, bucket_bytes=bucket)
     mine = dict(engine.hf_tensors())
     exported = dict(export_hf_weights(models, hf))
     mismatched = sum(not torch.equal(mine[n], t) for n, t in exported.items() if n in mine)

@@ -58,7 +58,7 @@ def measure(engine_name: str, model_dir: Path, prompts: int, prompt_len: int,
     from megarl.megatron import cpu as cpu_shim
     from megarl.megatron.model import build_model, transformer_config_from_hf
     from megarl.megatron.parallel import init_process_group, initialize_parallel
-    from megarl.megatron.weights import load_hf_weights
+    from megarl.megatron.weights import export_hf_weights, load_hf_weights
     from megarl.rollout.engine import SamplingParams
     from megarl.rollout.sync import sync_weights
 
@@ -87,7 +87,8 @@ def measure(engine_name: str, model_dir: Path, prompts: int, prompt_len: int,
         engine = VLLMEngine(str(model_dir), options, moe_layers=arch.moe_layers,
                             num_experts=arch.num_experts, hf_config=config)
     build_s = time.perf_counter() - start
-    syncs = [sync_weights(models, engine, config)["sync/seconds"] for _ in range(3)]
+    syncs = [sync_weights(export_hf_weights(models, config), engine)["sync/seconds"]
+             for _ in range(3)]
     g = torch.Generator().manual_seed(0)
     batch = [torch.randint(2, MODEL["vocab_size"], (prompt_len,), generator=g).tolist()
              for _ in range(prompts)]

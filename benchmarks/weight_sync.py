@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     metrics: dict[str, float] = {}
 
     def sync() -> None:
-        metrics.update(sync_weights(models, engine, hf, bucket_bytes=bucket))
+        metrics.update(sync_weights(export_hf_weights(models, hf), engine, bucket_bytes=bucket))
 
     sync()  # the first sync, then the check
     differ, unmatched = mismatches(models, engine, hf)

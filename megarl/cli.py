@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from megarl import __version__
-from megarl.convert.cli import DIRECTIONS, add_arguments
-from megarl.convert.cli import run as run_conversion
+from megarl.cli_convert import DIRECTIONS, add_arguments
+from megarl.cli_convert import run as run_conversion
 from megarl.errors import UserError
 
 EXIT_USER_ERROR = 2

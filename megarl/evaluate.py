@@ -131,7 +131,7 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path | None) -> list[P
         engine = build_engine(config, hf_config, rank=rank, world_size=world,
                               moe_layers=policy.arch.moe_layers,
                               num_experts=policy.arch.num_experts)
-        sync_weights(policy.models, engine, hf_config,
+        sync_weights(policy.hf_weights(), engine,
                      bucket_bytes=config.rollout.sync_bucket_bytes)
         return evaluator.results(engine)
     finally:

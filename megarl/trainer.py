@@ -98,7 +98,7 @@ class Trainer:
         self.bad_updates_in_a_row = 0
         if resume_from is not None:
             self._resume(resume_from)
-        sync_weights(self.policy.models, self.engine, hf_config,
+        sync_weights(self.policy.hf_weights(), self.engine,
                      bucket_bytes=config.rollout.sync_bucket_bytes)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -175,7 +175,7 @@ class Trainer:
                 self._count_bad_update(results[-1])
         timings["time/train"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        sync = sync_weights(self.policy.models, self.engine, self.policy.hf_config,
+        sync = sync_weights(self.policy.hf_weights(), self.engine,
                             bucket_bytes=cfg.rollout.sync_bucket_bytes)
         timings["time/sync"] = time.perf_counter() - t0
         for k, v in combine_updates([r.metrics for r in results]).items():

@@ -6,7 +6,7 @@ Same as `megarl convert hf-to-megatron`; see `--help` and docs/conversion.md.
 
 import sys
 
-from megarl.convert.cli import main
+from megarl.cli_convert import main
 
 if __name__ == "__main__":
     sys.exit(main("hf-to-megatron"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from megarl.megatron.step import (
     train_step,
 )
 from megarl.megatron.update_guard import UpdateGuard, all_finite_over_world
-from megarl.megatron.weights import load_hf_weights
+from megarl.megatron.weights import export_hf_weights, load_hf_weights
 
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -194,6 +194,11 @@ class Policy:
     def nonfinite_state(self) -> str | None:
         """What is not finite in the parameters or optimizer state (None: all finite)."""
         return self.guard.nonfinite_state()
+
+    def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The policy as ``(hf_name, full tensor)`` pairs for the rollout engine (collective:
+        every rank iterates it to the end; `megarl.rollout.sync.sync_weights`)."""
+        return export_hf_weights(self.models, self.hf_config)
 
     # ---- checkpoints --------------------------------------------------------------------------
 

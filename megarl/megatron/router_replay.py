@@ -42,7 +42,7 @@ from megarl.errors import UserError
 from megarl.megatron.loss import gather_from_context_parallel
 from megarl.megatron.packing import ROUTES, PackedMicroBatch, cp_partition_index
 from megarl.metrics import comm_device
-from megarl.rollout.engine import route_dtype
+from megarl.routes import route_dtype
 
 
 def align_routes(routes: Tensor, num_tokens: int, topk: int) -> Tensor:
@@ -145,9 +145,14 @@ class RouteReplayer(_LocalRouters):
         self.counts_routes = self.sequence_parallel or ps.get_tensor_model_parallel_rank() == 0
         for local in self.locals:
             _wrap(local.replay, self)
-        self.disagree = torch.zeros((), dtype=torch.float64)
-        self.routes_seen = torch.zeros((), dtype=torch.float64)
+        # (disagreeing routes, routes seen), summed on the routers' device: read once a step,
+        # not once per MoE layer and micro-batch (a host sync each on a GPU)
+        self.counts: torch.Tensor | None = None
         self.last_metrics: dict[str, float] = {}
+
+    def add_counts(self, disagree: torch.Tensor, seen: torch.Tensor) -> None:
+        pair = torch.stack([disagree, seen]).to(torch.int64)
+        self.counts = pair if self.counts is None else self.counts + pair
 
     def before_forward(self, mb: PackedMicroBatch, model: Any) -> None:
         routes = mb.extras.get(ROUTES)
@@ -180,15 +185,14 @@ class RouteReplayer(_LocalRouters):
                 raise RuntimeError(f"layer {local.layer}: {left} replayed routes were never "
                                    "consumed by the backward recompute")
         self._clear()
-        counts = torch.stack([self.disagree, self.routes_seen])
+        counts = torch.zeros(2, dtype=torch.int64) if self.counts is None else self.counts
+        self.counts = None
         if dist.is_initialized():
             counts = counts.to(comm_device())
             dist.all_reduce(counts)
-        self.disagree.zero_()
-        self.routes_seen.zero_()
-        seen = float(counts[1])
+        disagree, seen = (float(c) for c in counts.tolist())
         self.last_metrics = {
-            "router/replay_disagreement": float(counts[0]) / seen if seen else 0.0,
+            "router/replay_disagreement": disagree / seen if seen else 0.0,
             "router/replayed_routes": seen,
         }
         return self.last_metrics
@@ -320,8 +324,7 @@ def _wrap(replay: RouterReplay, owner: RouteReplayer) -> None:
                 routed = replay.megarl_routed_rows.to(differs.device)
                 if not owner.counts_routes:  # TP without SP: every TP rank sees the same rows
                     routed = torch.zeros_like(routed)
-                owner.disagree += float(differs[routed].sum())
-                owner.routes_seen += float(routed.sum())
+                owner.add_counts(differs[routed].sum(), routed.sum())
         return probs, indices
 
     replay.get_replay_topk = get_replay_topk

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from megarl.errors import ConfigError
+from megarl.routes import route_dtype  # noqa: F401 (re-exported: the engines' import)
 
 FinishReason = Literal["stop", "length"]
 
@@ -76,15 +77,6 @@ class RolloutBatch:
 
     def __len__(self) -> int:
         return len(self.rollouts)
-
-
-def route_dtype(num_experts: int) -> torch.dtype:
-    """The smallest integer dtype for expert ids (uint8 up to 256 experts)."""
-    if num_experts <= 256:
-        return torch.uint8
-    if num_experts <= 32768:
-        return torch.int16
-    return torch.int32
 
 
 @runtime_checkable

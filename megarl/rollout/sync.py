@@ -1,18 +1,18 @@
 """Megatron -> rollout engine weight sync, streamed in buckets of a configured size.
 
-The model leaves Megatron as `(hf_name, full tensor)` pairs from `export_hf_weights` (the map
-of `megarl.convert`; TP / expert-TP all-gather on the ranks that hold a tensor, then one
-broadcast from its pipeline / expert owner), so no rank ever materialises the whole model: the
-sync holds one bucket plus the tensor being gathered. There is no vocabulary padding to strip
-(megarl never pads it: docs/conversion.md). Export is collective; every rank calls `sync_weights`,
-and ranks with an engine load the buckets as they fill.
+The model leaves Megatron as `(hf_name, full tensor)` pairs from
+`megarl.megatron.weights.export_hf_weights` (`Policy.hf_weights`; the map of `megarl.convert`;
+TP / expert-TP all-gather on the ranks that hold a tensor, then one broadcast from its pipeline /
+expert owner), so no rank ever materialises the whole model: the sync holds one bucket plus the
+tensor being gathered. There is no vocabulary padding to strip (megarl never pads it:
+docs/conversion.md). Export is collective; every rank calls `sync_weights` with its stream, and
+ranks with an engine load the buckets as they fill. This module never imports megatron.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator
 
 from torch import Tensor
 
@@ -44,26 +44,25 @@ def buckets(pairs: Iterable[Pair], bucket_bytes: int) -> Iterator[list[Pair]]:
 
 
 def sync_weights(
-    models: list[Any],
+    weights: Iterable[Pair],
     engine: RolloutEngine | None,
-    hf_config: Mapping[str, Any],
     *,
     bucket_bytes: int = 512 << 20,
 ) -> dict[str, float]:
-    """Push the model into `engine` (None on ranks without one); returns ``sync/*`` metrics.
+    """Push the model's `weights` (``export_hf_weights(models, hf_config)``: collective, so every
+    rank passes its stream) into `engine` (None on ranks without one); returns ``sync/*``
+    metrics.
 
     The engine wakes its weights, loads the whole stream in ONE `update_weights` call (vLLM's
     layer-wise reload must see every tensor of a layer in one call), then wakes its KV cache.
     The stream gathers a bucket, hands its tensors over and drops them before gathering the
     next: the sync holds at most one bucket plus the tensor that overflowed it.
     """
-    from megarl.megatron.weights import export_hf_weights
-
     start = time.perf_counter()
     stats = {"bytes": 0, "tensors": 0, "buckets": 0, "largest": 0}
 
     def stream() -> Iterator[Pair]:
-        for group in buckets(export_hf_weights(models, hf_config), bucket_bytes):
+        for group in buckets(weights, bucket_bytes):
             size = sum(nbytes(t) for _, t in group)
             stats["bytes"] += size
             stats["tensors"] += len(group)

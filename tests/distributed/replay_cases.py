@@ -295,7 +295,7 @@ def run_case(layout: str, root: Path) -> dict[str, float]:
     # after the optimizer step: sync into the engine in small buckets, then compare every tensor
     bucket = 8 << 10
     tracked = _TrackedEngine(engine, models)
-    metrics = sync_weights(models, tracked, config, bucket_bytes=bucket)
+    metrics = sync_weights(export_hf_weights(models, config), tracked, bucket_bytes=bucket)
     errs["sync_peak_bytes"] = float(tracked.peak)
     errs["sync_peak_over_bound"] = float(tracked.peak > bucket + 2 * tracked.largest)
     errs["sync_peak_over_quarter_model"] = float(tracked.peak > metrics["sync/bytes"] / 4)

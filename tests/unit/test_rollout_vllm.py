@@ -398,14 +398,12 @@ def test_sync_protocol_one_streamed_load(monkeypatch, fake_vllm) -> None:
     """`sync_weights` against the vLLM engine: weights woken, all buckets in ONE reload call,
     experts re-packed, prefix cache reset, KV cache woken last; an engine that stops reading is
     an error."""
-    import megarl.megatron.weights as weights
     from megarl.rollout.sync import sync_weights
 
     tensors = [(f"t{i}", torch.full((256,), float(i))) for i in range(10)]  # 1 KiB each
-    monkeypatch.setattr(weights, "export_hf_weights", lambda models, config: iter(tensors))
     llm = FakeLLM()
     engine = cuda_engine(llm)
-    metrics = sync_weights([], engine, {}, bucket_bytes=3 << 10)
+    metrics = sync_weights(iter(tensors), engine, bucket_bytes=3 << 10)
     assert llm.loaded == [n for n, _ in tensors]
     assert llm.calls.count("rpc:reload_weights") == 1
     assert llm.calls[1:] == ["wake:weights", *REFIT, "wake:kv_cache"]
@@ -419,7 +417,7 @@ def test_sync_protocol_one_streamed_load(monkeypatch, fake_vllm) -> None:
 
     lazy = cuda_engine(Lazy())
     with pytest.raises(RuntimeError, match="left 9 tensors unread"):
-        sync_weights([], lazy, {}, bucket_bytes=3 << 10)
+        sync_weights(iter(tensors), lazy, bucket_bytes=3 << 10)
 
 
 def test_cpu_route_capture_shim_refuses_when_it_cannot_work(monkeypatch) -> None:

@@ -63,7 +63,11 @@ from megarl.megatron.step import (  # noqa: E402
     compute_logprobs,
     train_step,
 )
-from megarl.megatron.weights import load_hf_weights, save_hf_checkpoint  # noqa: E402
+from megarl.megatron.weights import (  # noqa: E402
+    export_hf_weights,
+    load_hf_weights,
+    save_hf_checkpoint,
+)
 from megarl.rollout.engine import SamplingParams  # noqa: E402
 from megarl.rollout.groups import generate_across_groups  # noqa: E402
 from megarl.rollout.sync import sync_weights  # noqa: E402
@@ -213,7 +217,7 @@ def case_replay(root: Path, layout: str) -> None:
     models, tconfig, config, replayer = build_megatron(root / "hf", LAYOUTS[layout])
     tp = ps.get_tensor_model_parallel_world_size()
     eng = engine(root / "hf")  # dummy weights: the sync must bring every one
-    sync = sync_weights(models, eng, config, bucket_bytes=64 << 10)
+    sync = sync_weights(export_hf_weights(models, config), eng, bucket_bytes=64 << 10)
     rollouts = rollouts_of(eng, seed=5)
     err = worst(megatron_logprobs(models, rollouts, replayer, tp), rollouts)
     disagreement = replayer.last_metrics["router/replay_disagreement"]
@@ -232,7 +236,7 @@ def case_replay(root: Path, layout: str) -> None:
                         replay=replayer)
     assert not result.skipped
     eng.sleep()
-    sync_weights(models, eng, config, bucket_bytes=64 << 10)
+    sync_weights(export_hf_weights(models, config), eng, bucket_bytes=64 << 10)
     after = eng.generate(PROMPTS, sampling(9)).rollouts  # the whole batch on every rank
     new = megatron_logprobs(models, after, replayer, tp)
     err_after = worst(new, after)
@@ -251,8 +255,6 @@ def case_replay(root: Path, layout: str) -> None:
 
     # control: the same weights reloaded without the MoE re-pack do not match (so the checks
     # above fail when `repack_moe_experts` is dropped)
-    from megarl.megatron.weights import export_hf_weights
-
     pairs = list(export_hf_weights(models, config))
     eng.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(pairs)})
     eng.llm.reset_prefix_cache()
@@ -285,7 +287,7 @@ def case_tp2(root: Path) -> None:
     init_process_group("gloo")
     models, _, config, replayer = build_megatron(root / "hf", {})  # DP2
     eng = engine(root / "hf", tp=2)
-    sync_weights(models, eng, config, bucket_bytes=64 << 10)
+    sync_weights(export_hf_weights(models, config), eng, bucket_bytes=64 << 10)
     batch = eng.generate(PROMPTS, sampling(21)).rollouts
     mine = [(r.token_ids, r.routed_experts) for r in batch]
     theirs: list = [None, None]

@@ -1,4 +1,5 @@
-"""``megarl convert hf-to-megatron | megatron-to-hf`` (also tools/convert_*.py).
+"""``megarl convert hf-to-megatron | megatron-to-hf`` (also tools/convert_*.py): the command,
+beside `megarl.cli` (the conversion itself is `megarl.megatron.checkpoint`).
 
 Both run in one process on CPU (no GPU, no torchrun) and stream: see
 `megarl.megatron.checkpoint`. Arguments are checked before megatron is imported, so a bad path
