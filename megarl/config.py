@@ -72,9 +72,9 @@ class ModelConfig:
     # SequentialMLP (megarl/megatron/experts.py); None = on whenever the TE spec is not used
     grouped_experts: bool | None = None
     recompute: Literal["none", "selective", "full"] = "none"
-    # log-probs and entropy of the sampled tokens: "torch" (chunked, tested on CPU and in the
-    # layout suites), "triton" (fused kernels, CUDA; not yet run on a GPU, see
-    # benchmarks/README.md), "auto" (triton on CUDA, torch elsewhere)
+    # log-probs and entropy of the sampled tokens: "torch" (chunked), "triton" (the fused
+    # kernels of megarl/megatron/fused_logprobs.py, CUDA), "auto" (triton on CUDA, torch
+    # elsewhere); what each has been measured on: benchmarks/README.md
     logprob_kernel: Literal["torch", "triton", "auto"] = "torch"
 
     def check(self) -> None:

@@ -7,46 +7,15 @@ megatron's experts builder (``MoESubmodules.experts``; `with_grouped_experts` sw
 layer spec), takes the same ``(permuted tokens, tokens_per_expert, permuted_probs)`` and runs
 each of the two expert projections as ONE grouped GEMM over all local experts.
 
-Design: the weights are stored stacked, one parameter per projection,
-``linear_fc1.weight`` ``[E_local, 2F/etp, H]`` and ``linear_fc2.weight`` ``[E_local, H, F/etp]``.
-``weight[j]`` is exactly SequentialMLP's ``local_experts.{j}.linear_fc{1,2}.weight`` (nn.Linear
-layout, fc1 rows ``[gate_r; up_r]``), initialised by the same calls in the same order (a model
-built from the same seed has the same weights), and ``weight.transpose(1, 2)`` is the
-column-major operand ``torch._grouped_mm`` wants, so no weight is ever copied.
-
-Why not keep SequentialMLP's per-expert parameters and ``torch.stack`` them in forward (which
-would leave checkpoints and conversion untouched)? ``torch._grouped_mm`` takes one 3-D weight
-tensor, so every forward would copy all local expert weights, and autograd would SAVE the copy
-for backward. For the Qwen3-30B-A3B slice (128 experts, H 2048, F 768, bf16) the stacked
-weights are 1.21 GB per layer: the copy moves 2.4 GB per forward (twice under recompute),
-about 0.7 ms at H100's 3.35 TB/s against ~2.35 ms for all the expert GEMMs of forward +
-backward at 40 % of peak (0.93 TFLOP), so even with the GEMMs at 40 % the layer would stay near
-30 %; and the saved copy adds 1.21 GB of activation memory per layer (58 GB over 48 layers at
-EP=1, 7 GB at EP=8). These are estimates from the sizes; ``benchmarks/experts.py`` times and
-measures that variant on the GPU (``stacked-copy``, with its peak memory). Stacked parameters
-cost nothing at run time; compatibility is restored at the three places that see names:
-
-- distributed checkpoints: `sharded_state_dict` emits, per expert, exactly the ShardedTensors
-  SequentialMLP emits (same keys, expert axis, gate/up split, replica ids) from views of the
-  stacked weight, wrapped in one factory per parameter (which megatron's distributed optimizer
-  needs: one entry per parameter). Checkpoints are interchangeable with SequentialMLP's, and
-  the offline converters (built on SequentialMLP's structure) read them unchanged;
-- live HF <-> Megatron conversion and tests: `named_expert_tensors` yields a chunk's
-  parameters with every stacked weight expanded into SequentialMLP's per-expert names (views),
-  so megarl's one name map (``megarl/convert``) applies as it is;
-- plain ``state_dict()`` uses the stacked names (only megarl's own code reads it).
-
-Kernels: ``torch._grouped_mm`` where it runs the operands (CUDA bfloat16, SM80+; CPU float32 or
-bfloat16; every row stride a multiple of 16 bytes); otherwise, or with ``impl="loop"``, a
-per-expert loop of megatron's own linear function (the reference: the same GEMM calls as
-SequentialMLP). Activation: megatron's MLP code path for the config (gated SiLU = SwiGLU for
-Qwen3-MoE, probs applied after the activation in the activation's dtype promotion, or the
-fused ``weighted_bias_swiglu_impl`` with ``bias_activation_fusion``), so the two modules differ
-only in GEMM accumulation order. Supported: ETP >= 1 and EP >= 1 (local weight shards, no
-extra communication: megatron's dispatcher does the expert-TP/EP exchange, as for
-SequentialMLP), ``moe_apply_probs_on_input``, experts with no tokens, a rank with no tokens.
-Not supported (refused when built): biases, FP8/FP4, latent MoE, TE activations, delayed
-weight-gradient computation.
+The weights are stacked parameters, ``linear_fc1.weight`` ``[E_local, 2F/etp, H]`` and
+``linear_fc2.weight`` ``[E_local, H, F/etp]``: ``weight[j]`` is SequentialMLP's expert ``j``
+(same init calls, same seed, same weights) and ``weight.transpose(1, 2)`` is the operand
+``torch._grouped_mm`` wants, so no weight is copied at run time. Names stay SequentialMLP's where
+anything sees them: `sharded_state_dict` emits its per-expert ShardedTensors (checkpoints are
+interchangeable) and `named_expert_tensors` its per-expert views (HF conversion, weight sync).
+Where ``torch._grouped_mm`` cannot run the operands (or ``impl="loop"``) a per-expert loop of
+megatron's own linear function is the reference. Why stacked parameters rather than stacking in
+forward, with the numbers, and what is supported: docs/megatron.md, "Grouped-GEMM experts".
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ logits ``z = (h W^T) / T`` are produced tile by tile (``[BLOCK_N, BLOCK_V]`` fp3
   ``dh += dz W[chunk]`` (fp32 running sum over chunks). Nothing ``[N, V]`` is stored.
 
 On CUDA the tile sizes are autotuned (`_configs`) on first use per (H, V, power-of-two token
-bucket, dtypes): the first call compiles and times each configuration. Neither kernel has been
-timed on a GPU yet; both compile for sm_90 (tests/unit/test_fused_logprobs.py).
+bucket, dtypes): the first call compiles and times each configuration (what has been measured
+where: benchmarks/README.md).
 
 The matmul operands are the inputs' dtype (bf16 tensor cores on GPU, fp32 accumulation); fp32
 inputs use ``input_precision="ieee"`` (no TF32), so fp32 results match a float64 reference to

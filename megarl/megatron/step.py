@@ -47,8 +47,7 @@ class ForwardOptions:
 
     temperature: float = 1.0
     chunk_size: int = 1024  # tokens per vocab-parallel log-prob chunk (Triton: scratch size)
-    # "torch" | "triton" | "auto" (Triton on CUDA): see logprobs.py; torch until the Triton
-    # kernels have run on a GPU (model.logprob_kernel)
+    # "torch" | "triton" | "auto" (Triton on CUDA): see logprobs.py (model.logprob_kernel)
     logprob_impl: str = "torch"
     thd: bool = False  # Transformer-Engine THD packing; False = block-causal mask (local spec)
 
