@@ -59,7 +59,6 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.planner import WriteItemType
 
-from megarl.config import ModelFacts, ParallelConfig
 from megarl.convert.hf_io import (
     HFCheckpoint,
     HFCheckpointWriter,
@@ -74,6 +73,7 @@ from megarl.convert.mapping import (
     check_hf_names,
     tensor_maps,
 )
+from megarl.layout import ModelFacts, ParallelConfig
 from megarl.megatron.model import build_model, transformer_config_from_hf
 from megarl.megatron.parallel import (
     check_layout,

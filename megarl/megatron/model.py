@@ -28,9 +28,9 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 
-from megarl.config import ParallelConfig
 from megarl.convert.mapping import SUPPORTED, Architecture
 from megarl.errors import ConfigError
+from megarl.layout import ParallelConfig
 from megarl.megatron.experts import with_grouped_experts
 from megarl.megatron.parallel import megatron_sizes
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
-from megarl.config import ModelFacts, ParallelConfig
+from megarl.layout import ModelFacts, ParallelConfig
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
-from megarl.config import ModelFacts, ParallelConfig
 from megarl.convert.hf_io import HFCheckpoint
+from megarl.layout import ModelFacts, ParallelConfig
 from megarl.megatron.checkpoint import load_megatron_checkpoint, save_megatron_checkpoint
 from megarl.megatron.model import build_model, transformer_config_from_hf
 from megarl.megatron.parallel import destroy_parallel, initialize_parallel

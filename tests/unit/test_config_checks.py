@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from megarl.config import MAX_YAML_VALUES, load_config, read_yaml
+from megarl.config import load_config, read_yaml
+from megarl.config_yaml import MAX_YAML_VALUES
 from megarl.errors import ConfigError, UserError
 
 ROOT = Path(__file__).resolve().parents[2]

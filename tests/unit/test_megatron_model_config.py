@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch.nn.functional as F
 
-from megarl.config import ModelFacts, ParallelConfig
 from megarl.convert.mapping import Architecture
 from megarl.errors import ConfigError
+from megarl.layout import ModelFacts, ParallelConfig
 from megarl.megatron.model import architecture, transformer_config_from_hf
 from megarl.megatron.parallel import check_layout
 
