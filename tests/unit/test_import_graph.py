@@ -83,3 +83,27 @@ def test_the_cycle_finder_finds_cycles() -> None:
     # function-local imports count: the rollout package must not reach back into megatron
     rollout_imports = set().union(*(imports_of(p) for p in (PACKAGE / "rollout").glob("*.py")))
     assert not any(name.startswith("megarl.megatron") for name in rollout_imports)
+
+
+def third_party_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_only_megatron_imports_megatron_core_and_only_the_vllm_engine_imports_vllm() -> None:
+    """The rules of docs/architecture.md: megatron-core stays in megarl/megatron/, vLLM in
+    megarl/rollout/vllm.py, and the losses import neither."""
+    for path in PACKAGE.rglob("*.py"):
+        where = path.relative_to(PACKAGE).as_posix()
+        used = third_party_imports(path)
+        if "megatron" in used:
+            assert where.startswith("megatron/"), where
+        if "vllm" in used:
+            assert where == "rollout/vllm.py", where
+        if where.startswith("losses/"):
+            assert not used & {"megatron", "vllm", "transformer_engine"}, where
