@@ -68,6 +68,24 @@ _REQUIRED = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
 _ROPE_TYPES = (None, "default", "llama3")
 
 
+EXPERT_COUNT_KEYS = _COUNTS  # transformers 5 writes num_local_experts for some models
+
+
+def num_experts_of(hf: Mapping[str, Any]) -> int | None:
+    """Routed experts (0: dense; ``num_experts``, else ``num_local_experts``, which transformers
+    5 writes for some models); None when the config names neither. The one reader of the
+    expert count: layout, conversion, planning and the model all use it."""
+    values = [hf[k] for k in EXPERT_COUNT_KEYS if hf.get(k) is not None]
+    if not values:
+        return None
+    return int(next((v for v in values if v), 0))
+
+
+def router_topk_of(hf: Mapping[str, Any]) -> int:
+    """Experts per token (0 for a dense model): the one reader of ``num_experts_per_tok``."""
+    return int(hf.get("num_experts_per_tok") or 0) if num_experts_of(hf) else 0
+
+
 def check_hf_config(hf: Mapping[str, Any], inline: Mapping[str, Any] | None = None, *,
                     complete: bool = False) -> None:
     """Raise a one-line `ConfigError` for the first field of ``hf`` megarl cannot build from.
@@ -157,9 +175,8 @@ def _check_shapes(hf: Mapping[str, Any]) -> None:
 
 
 def _check_experts(hf: Mapping[str, Any]) -> None:
-    # as convert.mapping.num_experts_of reads it: num_experts, else num_local_experts
     key = "num_experts" if hf.get("num_experts") else "num_local_experts"
-    experts = hf.get(key) or 0
+    experts = num_experts_of(hf) or 0
     if not experts:
         return
     model_type = hf.get("model_type")

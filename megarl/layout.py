@@ -14,6 +14,7 @@ from typing import Any
 
 from megarl.config_fields import positive
 from megarl.errors import ConfigError
+from megarl.hf_checks import num_experts_of, router_topk_of
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,8 @@ class ModelFacts:
             num_layers=first("num_hidden_layers"),
             num_attention_heads=heads,
             num_query_groups=first("num_key_value_heads") or heads,
-            num_experts=first("num_experts", "num_local_experts", "n_routed_experts"),
-            moe_router_topk=first("num_experts_per_tok"),
+            num_experts=num_experts_of(hf),
+            moe_router_topk=router_topk_of(hf) or None,
             hidden_size=first("hidden_size"),
             vocab_size=first("vocab_size"),
             max_position_embeddings=first("max_position_embeddings"),

@@ -115,7 +115,7 @@ def count_params(hf: Mapping[str, Any]) -> ParamCounts:
         output=0 if a.tie_embeddings else a.vocab * h,
         final_norm=h,
         layers=tuple(layers),
-        top_k=int(hf.get("num_experts_per_tok") or 0) if a.num_experts else 0,
+        top_k=a.topk,
     )
 
 

@@ -25,7 +25,11 @@ import torch
 from torch import Tensor
 
 from megarl.errors import UserError
-from megarl.hf_checks import SUPPORTED  # the architectures mapped here (torch-free there)
+from megarl.hf_checks import (  # the architectures mapped here, the one reader of their fields
+    SUPPORTED,
+    num_experts_of,
+    router_topk_of,
+)
 
 Scheme = Literal["local", "te"]
 Kind = Literal["copy", "qkv", "gated"]
@@ -35,9 +39,6 @@ class ConversionError(UserError):
     """A tensor that is unmapped, missing, duplicated or of the wrong shape."""
 
 
-def num_experts_of(hf: Mapping[str, Any]) -> int:
-    """Routed experts (0 for dense); transformers 5 writes ``num_local_experts``."""
-    return int(hf.get("num_experts") or hf.get("num_local_experts") or 0)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Architecture:
     ffn: int
     moe_ffn: int
     num_experts: int
+    topk: int  # experts per token (0 for dense)
     moe_layers: tuple[bool, ...]
     tie_embeddings: bool
     qk_norm: bool
@@ -69,7 +71,7 @@ class Architecture:
             )
         layers = int(hf["num_hidden_layers"])
         heads = int(hf["num_attention_heads"])
-        experts = num_experts_of(hf)
+        experts = num_experts_of(hf) or 0
         step = int(hf.get("decoder_sparse_step", 1) or 1)
         dense = set(hf.get("mlp_only_layers") or [])
         moe = tuple(experts > 0 and i not in dense and (i + 1) % step == 0 for i in range(layers))
@@ -84,6 +86,7 @@ class Architecture:
             ffn=int(hf.get("intermediate_size") or 0),
             moe_ffn=int(hf.get("moe_intermediate_size") or 0),
             num_experts=experts,
+            topk=router_topk_of(hf),
             moe_layers=moe,
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qk_norm=model_type in ("qwen3", "qwen3_moe"),

@@ -130,7 +130,7 @@ def transformer_config_from_hf(
     if arch.num_experts > 0:
         moe = dict(
             num_moe_experts=arch.num_experts,
-            moe_router_topk=int(hf["num_experts_per_tok"]),
+            moe_router_topk=arch.topk,
             moe_ffn_hidden_size=arch.moe_ffn,
             moe_layer_freq=[int(moe) for moe in arch.moe_layers],
             moe_router_pre_softmax=not bool(hf.get("norm_topk_prob", True)),

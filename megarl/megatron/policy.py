@@ -78,7 +78,7 @@ class Policy:
                                          params_dtype=self.tconfig.params_dtype)
         self.guard = UpdateGuard(self.models, self.optimizer)
         self.arch = Architecture.from_hf(self.hf_config)
-        self.topk = int(self.hf_config.get("num_experts_per_tok") or 0)
+        self.topk = self.arch.topk
         self.replayer = self.recorder = None
         if self.replay_mode != "off":
             self.replayer = RouteReplayer(self.models, self.arch.moe_layers,
