@@ -143,6 +143,10 @@ def _state(model: torch.nn.Module, optimizer: SimpleNamespace) -> list[torch.Ten
     return out
 
 
+def _same_state(one: tuple, other: tuple) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(_state(*one), _state(*other), strict=True))
+
+
 def test_restore_undoes_an_update_exactly_and_the_next_one_matches() -> None:
     model, opt = _model_and_optimizer()
     _update(model, opt, 1e-2)
@@ -158,8 +162,7 @@ def test_restore_undoes_an_update_exactly_and_the_next_one_matches() -> None:
     _update(twin, twin_opt, 1e-2)
     _update(model, opt, 1e-2)
     _update(twin, twin_opt, 1e-2)
-    assert all(torch.equal(a, b) for a, b in zip(_state(model, opt), _state(twin, twin_opt),
-                                                 strict=True))
+    assert _same_state((model, opt), (twin, twin_opt))
 
 
 def test_restoring_the_first_update_leaves_a_fresh_adam() -> None:
@@ -171,8 +174,7 @@ def test_restoring_the_first_update_leaves_a_fresh_adam() -> None:
     fresh, fresh_opt = _model_and_optimizer()
     _update(model, opt, 1e-2)
     _update(fresh, fresh_opt, 1e-2)
-    assert all(torch.equal(a, b) for a, b in zip(_state(model, opt), _state(fresh, fresh_opt),
-                                                 strict=True))
+    assert _same_state((model, opt), (fresh, fresh_opt))
 
 
 def test_nonfinite_state_names_what_is_not_finite() -> None:
