@@ -126,23 +126,27 @@ class UpdateGuard:
 
     def nonfinite_state(self) -> str | None:
         """What is not finite among this world's parameters and optimizer state (None: all
-        finite); one MAX all-reduce, so every rank gets the same answer."""
-        bad = torch.zeros(3)
-        if not all(torch.isfinite(p).all() for p in _model_parameters(self.models)):
-            bad[0] = 1
+        finite); the flags stay on the device until one MAX all-reduce, so every rank gets the
+        same answer for one host sync, not one per tensor."""
         mains = self._main_params()
-        if not all(torch.isfinite(p).all() for params in mains for p in params):
-            bad[1] = 1
-        for opt, params in zip(_inner_optimizers(self.optimizer), mains, strict=True):
-            for p in params:
-                for v in opt.state.get(p, {}).values():
-                    if isinstance(v, Tensor) and v.is_floating_point() and \
-                            not torch.isfinite(v).all():
-                        bad[2] = 1
-        bad = _max_over_world(bad)
+        moments = [v for opt, params in zip(_inner_optimizers(self.optimizer), mains, strict=True)
+                   for p in params for v in opt.state.get(p, {}).values()
+                   if isinstance(v, Tensor) and v.is_floating_point()]
+        bad = _max_over_world(torch.stack([
+            _any_nonfinite(_model_parameters(self.models)),
+            _any_nonfinite([p for params in mains for p in params]),
+            _any_nonfinite(moments)]))
         names = ("parameters", "fp32 main parameters", "optimizer moments")
         found = [name for name, flag in zip(names, bad.tolist(), strict=True) if flag]
         return " and ".join(found) + " not finite" if found else None
+
+
+def _any_nonfinite(tensors: list[Tensor]) -> Tensor:
+    """1.0 on the host when any of `tensors` holds a NaN or inf, else 0.0 (one sync)."""
+    flags = [torch.isfinite(t).logical_not().any() for t in tensors if t.numel()]
+    if not flags:
+        return torch.zeros(())
+    return torch.stack([f.to(flags[0].device) for f in flags]).any().float().cpu()
 
 
 def _max_over_world(flags: Tensor) -> Tensor:
@@ -155,7 +159,4 @@ def _max_over_world(flags: Tensor) -> Tensor:
 
 def all_finite_over_world(tensors: list[Tensor]) -> bool:
     """True when every rank's `tensors` are finite (one MAX all-reduce)."""
-    bad = torch.zeros(1)
-    if not all(torch.isfinite(t).all() for t in tensors):
-        bad[0] = 1
-    return _max_over_world(bad).item() == 0.0
+    return _max_over_world(_any_nonfinite(tensors).reshape(1)).item() == 0.0
