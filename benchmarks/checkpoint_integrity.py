@@ -81,7 +81,7 @@ def build_policy(hf_config: dict[str, Any]) -> Any:
 def samples(count: int, length: int, vocab: int) -> list[Any]:
     import torch
 
-    from megarl.megatron.packing import TrainSample
+    from megarl.policy_io import TrainSample
 
     g = torch.Generator().manual_seed(0)
     out = []
@@ -97,12 +97,11 @@ def samples(count: int, length: int, vocab: int) -> list[Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from megarl.checkpointing import file_digest, verify_checkpoint, write_manifest
-    from megarl.megatron.loss import PolicyObjective
     from megarl.megatron.step import train_step
 
     hf_config = SMOKE_MODEL if args.smoke else MODEL
     config, policy = build_policy(hf_config)
-    spec = PolicyObjective.from_algo(config.algo, norm_length=64)
+    spec = config.algo.objective(norm_length=64)
     batch = samples(32, 64, hf_config["vocab_size"])
     # the first update creates Adam's state; the checkpoint then holds it
     policy.train(batch, spec, 1e-4)

@@ -270,7 +270,6 @@ def check_sync(models: list[Any], engine: Any, hf: dict[str, Any], dtype: str,
     import torch
 
     from megarl.config import AlgoConfig, TrainerConfig
-    from megarl.megatron.loss import PolicyObjective
     from megarl.megatron.model import wrap_ddp
     from megarl.megatron.optimizer import build_optimizer
     from megarl.megatron.packing import make_micro_batches
@@ -291,7 +290,7 @@ def check_sync(models: list[Any], engine: Any, hf: dict[str, Any], dtype: str,
         trained.append(dataclasses.replace(s, old_logprobs=old,
                                            advantages=torch.tensor(1.0 if k % 2 else -1.0)))
     result = train_step(models, optimizer, make_micro_batches(trained, num_micro_batches=2),
-                        PolicyObjective.from_algo(AlgoConfig(loss="up_gspo")), options,
+                        AlgoConfig(loss="up_gspo").objective(), options,
                         replay=replayer)
     before = dict(engine.hf_tensors())
     changed = sum(not torch.equal(before[n], t) for n, t in export_hf_weights(models, hf))

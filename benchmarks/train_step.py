@@ -173,7 +173,7 @@ def make_samples(rows: int, seq_len: int, vocab: int, seed: int = 0) -> list[Any
     [seq_len/16, seq_len/4]); each sample's first quarter is prompt (not trained)."""
     import torch
 
-    from megarl.megatron.packing import TrainSample
+    from megarl.policy_io import TrainSample
 
     g = torch.Generator().manual_seed(seed)
     lo, hi = max(4, seq_len // 16), max(8, seq_len // 4)
@@ -324,7 +324,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from megarl.config import AlgoConfig, ModelFacts, ParallelConfig, TrainerConfig
-    from megarl.megatron.loss import PolicyObjective
     from megarl.megatron.model import build_model, transformer_config_from_hf, wrap_ddp
     from megarl.megatron.optimizer import build_optimizer
     from megarl.megatron.packing import make_micro_batches
@@ -363,7 +362,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trainer = TrainerConfig(lr=args.lr, grad_clip=1.0)
     optimizer = MarkedOptimizer(build_optimizer(models, trainer,
                                                 params_dtype=tconfig.params_dtype))
-    spec = PolicyObjective.from_algo(AlgoConfig(loss="up_gspo"))
+    spec = AlgoConfig(loss="up_gspo").objective()
     options = ForwardOptions(temperature=1.0)
 
     samples = make_samples(args.micro_batches, args.seq_len, int(hf["vocab_size"]))

@@ -32,6 +32,7 @@ from megarl.config_yaml import apply_override, build, parse_scalar, read_yaml
 from megarl.errors import ConfigError, UserError
 from megarl.hf_checks import check_hf_config
 from megarl.layout import ModelFacts, ParallelConfig
+from megarl.losses.objective import Objective
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Sink = Literal["console", "progress", "jsonl", "tensorboard", "wandb"]
@@ -180,7 +181,7 @@ class AlgoConfig:
     """The RL objective: policy loss (``megarl.losses``), advantages, KL, filtering.
 
     ``agg=None`` means the loss's own default aggregation; ``params`` are the loss's
-    hyperparameters (missing ones take the loss's defaults, see ``resolved_params``).
+    hyperparameters (missing ones take the loss's defaults, see ``objective``).
     """
 
     loss: str = "up_gspo"
@@ -200,19 +201,12 @@ class AlgoConfig:
 
     def check(self) -> None:
         from megarl.advantages import ADVANTAGE_ESTIMATORS
-        from megarl.losses import AGG_MODES
 
-        self.resolved_params()  # unknown loss / hyperparameter / range, from the loss library
-        if self.agg is not None and self.agg not in AGG_MODES:
-            raise ConfigError("algo.agg", self.agg, f"must be null or one of {alts(AGG_MODES)}")
+        self.objective()  # loss, hyperparameters, agg, KL and entropy terms: the loss library
         if self.advantage not in ADVANTAGE_ESTIMATORS:
             hint = suggest(self.advantage, ADVANTAGE_ESTIMATORS)
             allowed = f"must be one of {alts(ADVANTAGE_ESTIMATORS)}{hint}"
             raise ConfigError("algo.advantage", self.advantage, allowed)
-        if self.kl_beta < 0:
-            raise ConfigError("algo.kl_beta", self.kl_beta, "must be >= 0")
-        if self.entropy_coef < 0:
-            raise ConfigError("algo.entropy_coef", self.entropy_coef, "must be >= 0")
         positive("algo.max_sampling_rounds", self.max_sampling_rounds)
         if self.overlong_buffer < 0:
             raise ConfigError("algo.overlong_buffer", self.overlong_buffer,
@@ -220,17 +214,13 @@ class AlgoConfig:
         if self.overlong_penalty < 0:
             raise ConfigError("algo.overlong_penalty", self.overlong_penalty, "must be >= 0")
 
-    def resolved_params(self) -> dict[str, Any]:
-        """The loss's defaults updated by ``params``, validated by the loss library."""
-        from megarl.losses import validate_loss_params
-
-        return validate_loss_params(self.loss, self.params, "algo.params")
-
-    def resolved_agg(self) -> str:
-        """``agg``, or the loss's default aggregation when ``agg`` is null."""
-        from megarl.losses import POLICY_LOSSES
-
-        return self.agg if self.agg is not None else POLICY_LOSSES[self.loss].default_agg
+    def objective(self, norm_length: float | None = None) -> Objective:
+        """The objective these fields describe, looked up and validated (``agg=None``: the
+        loss's default; missing ``params``: the loss's defaults). `norm_length` is Dr. GRPO's
+        constant, the run's maximum response length (`Config.objective`)."""
+        return Objective.resolve(self.loss, self.params, agg=self.agg, kl_beta=self.kl_beta,
+                                 kl_type=self.kl_type, entropy_coef=self.entropy_coef,
+                                 norm_length=norm_length)
 
 
 @dataclass
@@ -421,6 +411,10 @@ class Config:
     def save(self, path: str | Path) -> None:
         """Write the config as YAML (e.g. ``<run dir>/config.yaml``)."""
         Path(path).write_text(self.to_yaml())
+
+    def objective(self) -> Objective:
+        """The run's objective, resolved (Dr. GRPO's constant: ``rollout.max_response_len``)."""
+        return self.algo.objective(norm_length=self.rollout.max_response_len)
 
     def validate(self) -> None:
         """Check every section, then the combinations across sections."""

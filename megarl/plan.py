@@ -146,24 +146,21 @@ def _memory(c: Config) -> list[Section]:
 
 
 def _objective(c: Config) -> list[tuple[str, str]]:
-    from megarl.losses import POLICY_LOSSES
-
-    a = c.algo
-    spec = POLICY_LOSSES[a.loss]
-    agg = a.resolved_agg() + (" (the loss's default)" if a.agg is None else "")
-    rows = [
-        ("policy loss", f"{a.loss}: {spec.summary}"),
-        ("level", spec.level),
-        ("hyperparameters", _kv(a.resolved_params())),
+    a, objective = c.algo, c.objective()
+    agg = objective.agg + (" (the loss's default)" if a.agg is None else "")
+    kl = f"beta={objective.kl_beta:g} ({objective.kl_type})" if objective.kl_beta else "off"
+    return [
+        ("policy loss", f"{objective.name}: {objective.spec.summary}"),
+        ("level", objective.spec.level),
+        ("hyperparameters", _kv(dict(objective.params))),
         ("aggregation", agg),
         ("advantage", a.advantage),
-        ("KL penalty", f"beta={a.kl_beta:g} ({a.kl_type})" if a.kl_beta > 0 else "off"),
-        ("entropy bonus", f"{a.entropy_coef:g}" if a.entropy_coef > 0 else "off"),
+        ("KL penalty", kl),
+        ("entropy bonus", f"{objective.entropy_coef:g}" if objective.entropy_coef else "off"),
         ("dynamic sampling", _onoff(a.dynamic_sampling) + (
             f" (at most {a.max_sampling_rounds} rounds)" if a.dynamic_sampling else "")),
         ("old log-probs", a.old_logprobs),
     ]
-    return rows
 
 
 def _batches(c: Config) -> list[tuple[str, str]]:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -38,13 +38,22 @@ from megarl.checkpointing import (
     save_checkpoint,
 )
 from megarl.config import Config
+from megarl.data.rewards import overlong_penalty
 from megarl.data.toy import is_toy
 from megarl.errors import RunStopped
+from megarl.eval_metrics import flatten
+from megarl.evaluate import Evaluator
+from megarl.losses.objective import Objective
 from megarl.metrics import combine_updates, log_to_sinks, make_sinks
+from megarl.policy_io import StepResult, TrainSample
 from megarl.rollout.engine import NonFiniteRollout, Rollout, SamplingParams, check_rollouts
 from megarl.rollout.groups import generate_across_groups
 from megarl.rollout.mismatch import logprob_mismatch
 from megarl.rollout.sync import sync_weights
+from megarl.routes import align_routes
+
+if TYPE_CHECKING:
+    from megarl.megatron.policy import Policy
 
 
 @dataclass
@@ -75,6 +84,7 @@ def step_seed(seed: int, step: int, round_: int, group: int = 0) -> int:
 class Trainer:
     def __init__(self, config: Config, *, run_dir: Path | None = None) -> None:
         prepare_engine_platform(config)
+        # megatron-core loads Triton, which must come after the engine's platform set-up
         from megarl.megatron.policy import Policy, start_distributed
 
         self.config = config
@@ -85,7 +95,7 @@ class Trainer:
         start_distributed()
         resume_from = self._resume_point()  # verified before the model is built
         hf_config, checkpoint = model_source(config)
-        self.policy = Policy(config, hf_config, checkpoint)
+        self.policy: Policy = Policy(config, hf_config, checkpoint)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.tokenizer = build_tokenizer(config)
         self.prompts = build_prompt_source(config, self.tokenizer)
@@ -103,10 +113,8 @@ class Trainer:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.run_dir / "config.yaml")
-        self.evaluator = None
+        self.evaluator: Evaluator | None = None
         if config.trainer.eval_every:
-            from megarl.evaluate import Evaluator
-
             self.evaluator = Evaluator(config, self.tokenizer, self.rewards, rank=self.rank,
                                        world=self.world)
         # a run starting at step S (0 when fresh) drops what an earlier attempt logged after S
@@ -117,15 +125,12 @@ class Trainer:
 
     def fit(self) -> list[dict[str, float]]:
         """Run to ``trainer.steps``; returns every step's metrics."""
-        from megarl.megatron.loss import PolicyObjective
-
-        spec = PolicyObjective.from_algo(self.config.algo,
-                                         norm_length=self.config.rollout.max_response_len)
+        objective = self.config.objective()  # resolved once: the loss, its terms, validated
         history = []
         t = self.config.trainer
         try:
             while self.step < t.steps:
-                metrics = self.train_step(spec)
+                metrics = self.train_step(objective)
                 self.step += 1
                 if self.evaluator is not None and self.step % t.eval_every == 0:
                     metrics |= self.evaluate()
@@ -142,7 +147,7 @@ class Trainer:
             self.rewards.close()
         return history
 
-    def train_step(self, spec: Any) -> dict[str, float]:
+    def train_step(self, objective: Objective) -> dict[str, float]:
         cfg, timings = self.config, {}
         start = time.perf_counter()
         batch = self.sample()
@@ -171,7 +176,7 @@ class Trainer:
                 g = torch.Generator().manual_seed(step_seed(cfg.trainer.seed, self.step, epoch))
                 order = [samples[i] for i in torch.randperm(len(samples), generator=g)]
             for start_mb in range(0, len(order), size):
-                results.append(self.policy.train(order[start_mb:start_mb + size], spec, lr))
+                results.append(self.policy.train(order[start_mb:start_mb + size], objective, lr))
                 self._count_bad_update(results[-1])
         timings["time/train"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -186,7 +191,7 @@ class Trainer:
         timings["time/step"] = time.perf_counter() - start
         return metrics | sync | timings
 
-    def _count_bad_update(self, result: Any) -> None:
+    def _count_bad_update(self, result: StepResult) -> None:
         """Stop the run (no checkpoint for this step) after ``trainer.max_bad_updates``
         skipped or undone updates in a row."""
         if not result.skipped:
@@ -206,8 +211,6 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """``data.eval`` on the engine the step just synced: ``eval/<bench>/<metric>``."""
-        from megarl.eval_metrics import flatten
-
         start = time.perf_counter()
         metrics = flatten(self.evaluator.run(self.engine))
         return metrics | {"time/eval": time.perf_counter() - start}
@@ -268,8 +271,6 @@ class Trainer:
     def _punish_overlong(self, rollouts: list[Rollout], rewards: list[float],
                          metrics: dict[str, float]) -> list[float]:  # fmt: skip
         """DAPO's soft overlong punishment added to the task rewards (``algo.overlong_*``)."""
-        from megarl.data.rewards import overlong_penalty
-
         algo = self.config.algo
         penalties = [overlong_penalty(len(r.response_ids), self.config.rollout.max_response_len,
                                       algo.overlong_buffer, algo.overlong_penalty)
@@ -291,10 +292,7 @@ class Trainer:
         return generate_across_groups(self.engine, prompts, params_for, rank=self.rank,
                                       world=self.world, tp=cfg.rollout.tp)
 
-    def samples_of(self, batch: StepBatch) -> tuple[list[Any], dict[str, float]]:
-        from megarl.megatron.packing import TrainSample
-        from megarl.megatron.router_replay import align_routes
-
+    def samples_of(self, batch: StepBatch) -> tuple[list[TrainSample], dict[str, float]]:
         cfg = self.config
         rewards = torch.tensor(batch.rewards, dtype=torch.float32)
         advantages = compute_advantages(cfg.algo.advantage, rewards,
@@ -314,7 +312,7 @@ class Trainer:
                                        old_logprobs=old, routed_experts=routes))
         return samples, {"advantage/abs_mean": float(advantages.abs().mean())}
 
-    def _mismatch(self, rollouts: list[Rollout], samples: list[Any]) -> dict[str, float]:
+    def _mismatch(self, rollouts: list[Rollout], samples: list[TrainSample]) -> dict[str, float]:
         train = torch.cat([s.old_logprobs[len(r.prompt_ids):] for r, s in
                            zip(rollouts, samples, strict=True)])
         engine = torch.cat([r.logprobs for r in rollouts])
@@ -336,13 +334,9 @@ class Trainer:
 
     def save_hf(self) -> Path:
         """The final policy as an HF checkpoint in ``<run dir>/hf`` (``checkpoint.save_hf``)."""
-        from megarl.megatron.weights import save_hf_checkpoint
-
         out = self.run_dir / "hf"
         tokenizer = self.config.model.tokenizer or self.config.model.name_or_path
-        save_hf_checkpoint(self.policy.models, str(out), self.policy.hf_config,
-                           tokenizer_from=None if is_toy(tokenizer) else tokenizer,
-                           overwrite=True)
+        self.policy.save_hf(out, tokenizer_from=None if is_toy(tokenizer) else tokenizer)
         return out
 
     def _resume_point(self) -> Path | None:

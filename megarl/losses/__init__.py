@@ -6,6 +6,9 @@ Megatron, no vLLM).
         "up_gspo", log_prob, old_log_prob, advantages, mask,
         agg="seq-mean-token-mean", num_tokens=..., num_sequences=...)
 
+A trainer resolves the run's objective once (``Objective.resolve``: loss, hyperparameters,
+aggregation, KL term, entropy bonus) and calls it on every micro-batch.
+
 Every loss is a per-token gradient weight F on the advantage (d loss / d log pi = -A F / N);
 each module's docstring gives its equations. Modules by family:
     clipped.py             grpo, dapo, dr_grpo, dapo_eps_high_inf
@@ -31,6 +34,7 @@ from megarl.losses import (  # noqa: F401  (importing registers the losses)
 from megarl.losses.aggregation import aggregate_loss, count_sequences, count_tokens
 from megarl.losses.api import compute_policy_loss
 from megarl.losses.kl import KL_TYPES, kl_penalty
+from megarl.losses.objective import Objective
 from megarl.losses.registry import (
     AGG_MODES,
     POLICY_LOSSES,
@@ -46,6 +50,7 @@ __all__ = [
     "KL_TYPES",
     "POLICY_LOSSES",
     "Hyper",
+    "Objective",
     "PolicyLossSpec",
     "aggregate_loss",
     "compute_policy_loss",

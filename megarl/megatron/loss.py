@@ -8,7 +8,7 @@ tests/unit/test_megatron_loss.py):
    micro-batch and every data-parallel rank (`global_counts`, one all-reduce over DP; CP
    ranks of one DP rank hold slices of the same samples, so a sample is counted once).
 2. Each micro-batch's loss function returns its SHARE of the global loss,
-   ``megarl.losses.compute_policy_loss(..., num_tokens, num_sequences)``: the shares of all
+   the run's ``megarl.losses.Objective(..., num_tokens, num_sequences)``: the shares of all
    micro-batches on all DP ranks SUM to the mini-batch loss L.
 3. megatron-core must neither scale nor average, so every scaling it would apply is switched
    off explicitly:
@@ -34,45 +34,16 @@ Only one rank per DP replica (last pipeline stage, TP rank 0, CP rank 0) reports
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from megatron.core.distributed import finalize_model_grads
 from torch import Tensor
 
-from megarl.config import AlgoConfig
-from megarl.losses import compute_policy_loss
-from megarl.losses.aggregation import aggregate_loss
+from megarl.losses.objective import Objective
 from megarl.megatron.packing import PackedMicroBatch, cp_partition_index
 from megarl.metrics import comm_device
-
-
-@dataclass(frozen=True)
-class PolicyObjective:
-    """What the loss closure computes: a registered loss with its aggregation and extras."""
-
-    name: str
-    agg: str
-    params: Mapping[str, Any] = field(default_factory=dict)
-    kl_beta: float = 0.0
-    kl_type: str = "k3"
-    entropy_coef: float = 0.0
-    norm_length: float | None = None  # Dr. GRPO's constant (the max response length)
-
-    @classmethod
-    def from_algo(cls, algo: AlgoConfig, norm_length: float | None = None) -> PolicyObjective:
-        return cls(
-            name=algo.loss,
-            agg=algo.resolved_agg(),
-            params=algo.resolved_params(),
-            kl_beta=algo.kl_beta,
-            kl_type=algo.kl_type,
-            entropy_coef=algo.entropy_coef,
-            norm_length=norm_length,
-        )
 
 
 @dataclass(frozen=True)
@@ -140,7 +111,7 @@ def gather_from_context_parallel(
 
 
 def policy_loss_share(
-    spec: PolicyObjective,
+    objective: Objective,
     counts: GlobalCounts,
     mb: PackedMicroBatch,
     log_prob_row: Tensor,
@@ -148,34 +119,16 @@ def policy_loss_share(
     *,
     dp_group: dist.ProcessGroup | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """This micro-batch's share of the global loss from whole-row ``[T]`` log-probs."""
-    log_prob = mb.unpack(log_prob_row)
-    mask = mb.unpack(mb.loss_mask.to(torch.float32)).bool()
-    entropy = mb.unpack(entropy_row) if entropy_row is not None else None
-    loss, metrics = compute_policy_loss(
-        spec.name,
-        log_prob,
+    """This micro-batch's share of the global loss from whole-row ``[T]`` log-probs (the
+    objective was resolved once per run: no lookup or validation here)."""
+    return objective(
+        mb.unpack(log_prob_row),
         mb.unpack(mb.old_logprobs),
         mb.unpack(mb.advantages),
-        mask,
-        spec.agg,
+        mb.unpack(mb.loss_mask.to(torch.float32)).bool(),
         counts.num_tokens,
         counts.num_sequences,
         ref_log_prob=mb.unpack(mb.ref_logprobs) if mb.ref_logprobs is not None else None,
-        beta=spec.kl_beta,
-        kl_type=spec.kl_type,
-        entropy=None if entropy is None else entropy.detach(),
-        norm_length=spec.norm_length,
+        entropy=mb.unpack(entropy_row) if entropy_row is not None else None,
         process_group=dp_group,
-        **dict(spec.params),
     )
-    if spec.entropy_coef and entropy is not None:
-        entropy_term = aggregate_loss(
-            entropy, mask, spec.agg, num_tokens=counts.num_tokens,
-            num_sequences=counts.num_sequences, norm_length=spec.norm_length,
-        )  # fmt: skip
-        loss = loss - spec.entropy_coef * entropy_term
-        metrics["loss/entropy_bonus"] = -spec.entropy_coef * entropy_term.detach()
-        metrics["loss/total"] = loss.detach()
-    return loss, metrics
-

@@ -27,35 +27,9 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
+from megarl.policy_io import TrainSample
+
 ROUTES = "routed_experts"  # PackedMicroBatch.extras key of the packed routes [T, layers, topk]
-
-
-@dataclass
-class TrainSample:
-    """One sequence (prompt + response) with token-aligned per-token fields."""
-
-    tokens: Tensor  # [L] int64
-    loss_mask: Tensor  # [L] bool: tokens that are trained (response tokens)
-    advantages: Tensor  # [L] float, or a 0-d tensor / float broadcast over the sample
-    old_logprobs: Tensor | None = None  # [L] float
-    ref_logprobs: Tensor | None = None  # [L] float
-    routed_experts: Tensor | None = None  # [L, moe_layers, topk] int: rollout routes (R3)
-
-    def check(self, index: int) -> None:
-        n = self.tokens.shape[0] if self.tokens.dim() == 1 else -1
-        if n < 2:
-            raise ValueError(f"samples[{index}].tokens must be 1-d with >= 2 tokens")
-        for name in ("loss_mask", "old_logprobs", "ref_logprobs"):
-            value = getattr(self, name)
-            if value is not None and tuple(value.shape) != (n,):
-                raise ValueError(
-                    f"samples[{index}].{name} has shape {tuple(value.shape)}, expected ({n},)"
-                )
-        adv = torch.as_tensor(self.advantages)
-        if adv.dim() not in (0, 1) or (adv.dim() == 1 and adv.shape[0] != n):
-            raise ValueError(f"samples[{index}].advantages must be a scalar or shape ({n},)")
-        if bool(self.loss_mask[0]):
-            raise ValueError(f"samples[{index}].loss_mask[0] must be 0: no token predicts it")
 
 
 @dataclass

@@ -23,22 +23,22 @@ from megatron.core import parallel_state as ps
 from megarl.config import Config, ModelFacts
 from megarl.convert.hf_io import HFCheckpoint
 from megarl.convert.mapping import Architecture
+from megarl.losses.objective import Objective
 from megarl.megatron.checkpoint import in_process_writer
-from megarl.megatron.loss import PolicyObjective
 from megarl.megatron.model import build_model, transformer_config_from_hf, wrap_ddp
 from megarl.megatron.optimizer import build_optimizer
-from megarl.megatron.packing import PackedMicroBatch, TrainSample, make_micro_batches
+from megarl.megatron.packing import PackedMicroBatch, make_micro_batches
 from megarl.megatron.parallel import ParallelLayout, init_process_group, initialize_parallel
 from megarl.megatron.router_replay import RouteRecorder, RouteReplayer, sample_routes
 from megarl.megatron.step import (
     ForwardOptions,
-    StepResult,
     attach_schedule_hooks,
     compute_logprobs,
     train_step,
 )
 from megarl.megatron.update_guard import UpdateGuard, all_finite_over_world
-from megarl.megatron.weights import export_hf_weights, load_hf_weights
+from megarl.megatron.weights import export_hf_weights, load_hf_weights, save_hf_checkpoint
+from megarl.policy_io import StepResult, TrainSample
 
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -166,14 +166,14 @@ class Policy:
         for p, w in zip(self._parameters(), weights, strict=True):
             p.copy_(w, non_blocking=False)
 
-    def train(self, samples: list[TrainSample], spec: PolicyObjective, lr: float) -> StepResult:
+    def train(self, samples: list[TrainSample], objective: Objective, lr: float) -> StepResult:
         """One optimizer step on a mini-batch (the same list on every rank); an update that
         leaves the policy non-finite is undone (`UpdateGuard`) and reported as skipped."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         local = self.local_share(samples)
         self.guard.snapshot()
-        result = train_step(self.models, self.optimizer, self.micro_batches(local), spec,
+        result = train_step(self.models, self.optimizer, self.micro_batches(local), objective,
                             self.options, replay=self.replayer)
         if result.skipped:
             return result
@@ -194,6 +194,11 @@ class Policy:
     def nonfinite_state(self) -> str | None:
         """What is not finite in the parameters or optimizer state (None: all finite)."""
         return self.guard.nonfinite_state()
+
+    def save_hf(self, out: Path, *, tokenizer_from: str | None = None) -> None:
+        """The policy as an HF checkpoint in `out` (replaced if present)."""
+        save_hf_checkpoint(self.models, str(out), self.hf_config, tokenizer_from=tokenizer_from,
+                           overwrite=True)
 
     def hf_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The policy as ``(hf_name, full tensor)`` pairs for the rollout engine (collective:

@@ -21,10 +21,10 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
+from megarl.losses.objective import Objective
 from megarl.megatron.logprobs import LogProbContext, logprob_entropy_output_processor
 from megarl.megatron.loss import (
     GlobalCounts,
-    PolicyObjective,
     finalize_grads_unscaled,
     gather_from_context_parallel,
     global_counts,
@@ -39,6 +39,7 @@ from megarl.megatron.packing import (
 from megarl.megatron.parallel import data_parallel_group
 from megarl.megatron.router_replay import RouteRecorder, RouteReplayer
 from megarl.metrics import MetricAccumulator, comm_device
+from megarl.policy_io import StepResult
 
 
 @dataclass(frozen=True)
@@ -50,19 +51,6 @@ class ForwardOptions:
     # "torch" | "triton" | "auto" (Triton on CUDA): see logprobs.py (model.logprob_kernel)
     logprob_impl: str = "torch"
     thd: bool = False  # Transformer-Engine THD packing; False = block-causal mask (local spec)
-
-
-@dataclass
-class StepResult:
-    """What one optimizer step reports (identical on every rank)."""
-
-    metrics: dict[str, float]
-    grad_norm: float
-    num_tokens: int
-    num_sequences: int
-    skipped: bool
-    # why the update was skipped or undone (None: applied)
-    problem: str | None = None
 
 
 def attach_schedule_hooks(models: list[Any]) -> None:
@@ -176,7 +164,7 @@ def train_step(
     models: list[Any],
     optimizer: Any,
     micro_batches: list[PackedMicroBatch],
-    spec: PolicyObjective,
+    objective: Objective,
     options: ForwardOptions = ForwardOptions(),
     *,
     on_grads: Callable[[list[Any]], None] | None = None,
@@ -199,7 +187,8 @@ def train_step(
 
     def loss_closure(mb: PackedMicroBatch, output: Tensor):
         logp, entropy = whole_rows(mb, output)
-        loss, metrics = policy_loss_share(spec, counts, mb, logp, entropy, dp_group=dp_group)
+        loss, metrics = policy_loss_share(objective, counts, mb, logp, entropy,
+                                          dp_group=dp_group)
         tokens = torch.tensor(mb.num_tokens, dtype=torch.int, device=loss.device)
         return loss / cp, tokens, {"metrics": metrics, "weight": mb.num_tokens}
 

@@ -40,16 +40,15 @@ if os.environ.get("MEGARL_DUMP_AFTER"):  # a hang prints every thread's stack af
 
 
 from megarl.config import ModelFacts, ParallelConfig, TrainerConfig  # noqa: E402
-from megarl.losses import validate_loss_params  # noqa: E402
+from megarl.losses import Objective  # noqa: E402
 from megarl.megatron.loss import (  # noqa: E402
     GlobalCounts,
-    PolicyObjective,
     gather_from_context_parallel,
     policy_loss_share,
 )
 from megarl.megatron.model import build_model, transformer_config_from_hf, wrap_ddp  # noqa: E402
 from megarl.megatron.optimizer import build_optimizer  # noqa: E402
-from megarl.megatron.packing import TrainSample, cp_partition_index, make_micro_batches  # noqa: E402
+from megarl.megatron.packing import cp_partition_index, make_micro_batches  # noqa: E402
 from megarl.megatron.parallel import (  # noqa: E402
     destroy_parallel,
     init_process_group,
@@ -61,6 +60,7 @@ from megarl.megatron.step import (  # noqa: E402
     compute_logprobs,
     train_step,
 )
+from megarl.policy_io import TrainSample  # noqa: E402
 from tests.distributed.tiny_moe import (  # noqa: E402
     TINY_QWEN3_MOE,
     load_full_state,
@@ -76,11 +76,11 @@ TRAINER = TrainerConfig(lr=1e-2, grad_clip=1.0, weight_decay=0.0)
 ADAM_EPS = 1e-4  # grads ~1e-3: a tiny eps makes Adam's first step a sign(), fragile to rounding
 
 
-def objective(name: str, agg: str, **extra) -> PolicyObjective:
-    return PolicyObjective(name, agg, validate_loss_params(name, {}, "params"), **extra)
+def objective(name: str, agg: str, **extra) -> Objective:
+    return Objective.resolve(name, agg=agg, **extra)
 
 
-LOSSES: dict[str, PolicyObjective] = {
+LOSSES: dict[str, Objective] = {
     "dapo-token-mean": objective("dapo", "token-mean"),
     "grpo-seq-mean": objective("grpo", "seq-mean-token-mean", kl_beta=0.05),
     "gspo": objective("gspo", "seq-mean-token-mean"),

@@ -33,16 +33,14 @@ from megatron.core import parallel_state as ps
 from megarl.config import ModelFacts, ParallelConfig, TrainerConfig
 from megarl.convert.hf_io import HFCheckpoint
 from megarl.convert.mapping import Architecture
-from megarl.losses import validate_loss_params
-from megarl.megatron.loss import PolicyObjective
+from megarl.losses import Objective
 from megarl.megatron.model import build_model, transformer_config_from_hf, wrap_ddp
 from megarl.megatron.optimizer import build_optimizer
-from megarl.megatron.packing import TrainSample, make_micro_batches
+from megarl.megatron.packing import make_micro_batches
 from megarl.megatron.parallel import destroy_parallel, initialize_parallel
 from megarl.megatron.router_replay import (
     RouteRecorder,
     RouteReplayer,
-    align_routes,
     sample_routes,
 )
 from megarl.megatron.step import (
@@ -52,9 +50,11 @@ from megarl.megatron.step import (
     train_step,
 )
 from megarl.megatron.weights import export_hf_weights, load_hf_weights
+from megarl.policy_io import TrainSample
 from megarl.rollout.engine import SamplingParams
 from megarl.rollout.hf import HFEngine
 from megarl.rollout.sync import sync_weights
+from megarl.routes import align_routes
 from tests.distributed.conversion_cases import LAYOUTS
 
 TOL = 1e-5
@@ -176,7 +176,7 @@ def _router_grads_are_zero(models, tconfig, samples, engine_logp, replayer, tp,
         trained.append(dataclasses.replace(s, old_logprobs=old,
                                            advantages=torch.tensor(1.0 if k % 2 else -1.0)))
     mbs = make_micro_batches(trained, num_micro_batches=2, seq_multiple=3, row_multiple=tp)
-    spec = PolicyObjective("grpo", "token-mean", validate_loss_params("grpo", {}, "params"))
+    spec = Objective.resolve("grpo", agg="token-mean")
     zero = [0.0]
 
     def check(ms) -> None:

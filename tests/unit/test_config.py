@@ -286,8 +286,8 @@ def test_loss_params_are_validated_and_merged_with_defaults() -> None:
     defaults = POLICY_LOSSES["up_gspo"].defaults
     assert "eps_low" in defaults
     c = quick("algo.params.eps_low=0.1")
-    assert c.algo.resolved_params() == {**defaults, "eps_low": 0.1}
-    assert c.algo.resolved_agg() == POLICY_LOSSES["up_gspo"].default_agg
+    assert c.algo.objective().params == {**defaults, "eps_low": 0.1}
+    assert c.algo.objective().agg == POLICY_LOSSES["up_gspo"].default_agg
     err = config_error("algo.params.eps_low=1.5")
     assert err.field == "algo.params.eps_low"
     err = config_error("algo.params.eps_lo=0.1")
@@ -306,7 +306,7 @@ def test_agg_and_advantage_are_checked_against_the_libraries() -> None:
     from megarl.losses import AGG_MODES
 
     for agg in AGG_MODES:
-        assert quick(f"algo.agg={agg}").algo.resolved_agg() == agg
+        assert quick(f"algo.agg={agg}").algo.objective().agg == agg
     err = config_error("algo.agg=token-sum")
     assert err.field == "algo.agg"
     for adv in ADVANTAGE_ESTIMATORS:

@@ -44,7 +44,7 @@ def test_30b_recipes_match_up_paper_tables_a1_a2(name: str, loss: str) -> None:
     assert c.trainer.mini_batch_size == 32 * c.rollout.n_samples
     assert c.updates_per_step == 8
     assert c.trainer.lr == 1e-6
-    params = c.algo.resolved_params()
+    params = c.algo.objective().params
     assert (params["eps_low"], params["eps_high"]) == (3e-4, 4e-4)
     assert params["dual_clip_c"] is None
     assert c.algo.kl_beta == 0.0
@@ -68,7 +68,7 @@ def test_up_recipes_and_their_baselines_differ_only_in_the_objective(up_name: st
     assert up.algo.loss == f"up_{base.algo.loss}"
     assert (up.logging.run_name, base.logging.run_name) == (up_name, base_name)
     assert "metric" in POLICY_LOSSES[up.algo.loss].params["eps_high"].doc
-    assert up.algo.resolved_agg() == base.algo.resolved_agg()
+    assert up.algo.objective().agg == base.algo.objective().agg
     up_d, base_d = up.to_dict(), base.to_dict()
     for d in (up_d, base_d):
         d["algo"].pop("loss")
@@ -100,7 +100,7 @@ def test_14b_recipes_match_up_paper_tables_a1_a2(name: str, loss: str) -> None:
     assert c.trainer.mini_batch_size == 32 * c.rollout.n_samples  # 32 prompts (verl's unit)
     assert c.updates_per_step == 16
     assert c.trainer.lr == 1e-6
-    params = c.algo.resolved_params()
+    params = c.algo.objective().params
     assert (params["eps_low"], params["eps_high"]) == (0.2, 0.28)
     assert params["dual_clip_c"] is None
     assert c.algo.kl_beta == 0.0
@@ -114,7 +114,7 @@ def test_14b_recipes_match_up_paper_tables_a1_a2(name: str, loss: str) -> None:
     assert c.eval.k == 32 and 32 in c.eval.reported_ks()
     # DAPO (Yu et al. 2025): token-level loss, dynamic sampling, overlong reward shaping with a
     # 4,096-token cache before 20,480 and penalty 1 on rewards of +-1 = 0.5 on megarl's 0 / 1
-    assert c.algo.resolved_agg() == "token-mean"
+    assert c.algo.objective().agg == "token-mean"
     assert c.algo.dynamic_sampling and c.algo.max_sampling_rounds == 30  # 10 batches of 3 x 512
     assert c.algo.overlong_buffer == 4096
     assert c.algo.overlong_penalty == 1.0 * (1 - 0) / (1 - (-1))
@@ -133,11 +133,11 @@ def test_8b_recipes_match_up_paper_tables_a3_a4(name: str, loss: str) -> None:
     assert c.trainer.mini_batch_size == 32 * c.rollout.n_samples
     assert c.updates_per_step == 4
     assert c.trainer.lr == 1e-6
-    params = c.algo.resolved_params()
+    params = c.algo.objective().params
     assert (params["eps_low"], params["eps_high"]) == (0.2, 0.2)
     assert params["dual_clip_c"] is None
     assert c.algo.advantage == "grpo"
-    assert c.algo.resolved_agg() == "seq-mean-token-mean"  # Eq. 15: 1/G sum_i 1/|o_i| sum_t
+    assert c.algo.objective().agg == "seq-mean-token-mean"  # Eq. 15: 1/G sum_i 1/|o_i| sum_t
     # Table A4
     assert (c.rollout.temperature, c.rollout.top_p, c.rollout.top_k) == (1.0, 1.0, -1)
     assert c.eval.top_p == 0.7
@@ -159,10 +159,10 @@ def test_dgpo_recipe_matches_dgpo_paper() -> None:
     c = _recipe("dgpo_7b")
     assert c.model.name_or_path == "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
     assert c.algo.loss == "dgpo"
-    params = c.algo.resolved_params()
+    params = c.algo.objective().params
     assert (params["eps_low"], params["eps_high"]) == (0.2, 0.2)
     assert (params["n"], params["m"]) == (1, 2)
-    assert c.algo.resolved_agg() == "token-mean"  # Eq. 1: 1 / sum_i |o_i|
+    assert c.algo.objective().agg == "token-mean"  # Eq. 1: 1 / sum_i |o_i|
     assert c.algo.advantage == "grpo"
     assert (c.algo.kl_beta, c.algo.entropy_coef) == (0.0, 0.0)
     # "Rollout Batch Size = 512, Mini-batch Size = 32": 16 off-policy updates per step
@@ -190,7 +190,7 @@ def test_abc_grpo_recipe_matches_paper_and_authors_recipe() -> None:
     c = _recipe("abc_grpo_4b")
     assert c.model.name_or_path == "Qwen/Qwen3-4B-Base"
     assert c.algo.loss == "abc_grpo"
-    assert c.algo.resolved_params() == {"eps1": 0.2, "eps2": 0.2, "eps3": 0.2, "eps4": 0.2}
+    assert c.algo.objective().params == {"eps1": 0.2, "eps2": 0.2, "eps3": 0.2, "eps4": 0.2}
     assert c.rollout.n_samples == 8  # G = 8
     # per_device_train_batch_size 4 x 8 GPUs x steps_per_generation 64 = 2,048 completions per
     # generation; 4 x gradient_accumulation_steps 16 x 8 GPUs = 512 per optimizer step
@@ -205,7 +205,7 @@ def test_abc_grpo_recipe_matches_paper_and_authors_recipe() -> None:
     assert (c.trainer.weight_decay, c.trainer.grad_clip, c.trainer.seed) == (0.0, 1.0, 42)
     assert c.algo.kl_beta == 0.0
     assert c.algo.advantage == "grpo"  # scale_rewards: true
-    assert c.algo.resolved_agg() == "token-mean"  # TRL's loss_type "dapo"
+    assert c.algo.objective().agg == "token-mean"  # TRL's loss_type "dapo"
     assert c.data.instruction == ("Please reason step by step, and put your final answer "
                                   "within \\boxed{}.")
     assert [Path(e).name for e in c.data.eval] == ["aime", "amc"]
@@ -218,7 +218,7 @@ def test_bapo_recipe_matches_paper_and_authors_script() -> None:
     c = _recipe("bapo_7b")
     assert c.model.name_or_path == "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
     assert c.algo.loss == "bapo"
-    p = c.algo.resolved_params()
+    p = c.algo.objective().params
     # rho0 = 0.4, a- = 0.6, b- = 0.9, a+ = 1.2, b+ = 3.0, delta1 = 0.05, delta2 = 0.02
     assert (p["rho0"], p["c_low_min"], p["c_low_max"], p["c_high_min"], p["c_high_max"]) == (
         0.4, 0.6, 0.9, 1.2, 3.0)

@@ -50,13 +50,12 @@ logging.disable(logging.WARNING)
 from megarl.config import ModelFacts, ParallelConfig, TrainerConfig  # noqa: E402
 from megarl.convert.hf_io import HFCheckpoint  # noqa: E402
 from megarl.convert.mapping import Architecture  # noqa: E402
-from megarl.losses import validate_loss_params  # noqa: E402
-from megarl.megatron.loss import PolicyObjective  # noqa: E402
+from megarl.losses import Objective  # noqa: E402
 from megarl.megatron.model import build_model, transformer_config_from_hf, wrap_ddp  # noqa: E402
 from megarl.megatron.optimizer import build_optimizer  # noqa: E402
-from megarl.megatron.packing import TrainSample, make_micro_batches  # noqa: E402
+from megarl.megatron.packing import make_micro_batches  # noqa: E402
 from megarl.megatron.parallel import init_process_group, initialize_parallel  # noqa: E402
-from megarl.megatron.router_replay import RouteReplayer, align_routes  # noqa: E402
+from megarl.megatron.router_replay import RouteReplayer  # noqa: E402
 from megarl.megatron.step import (  # noqa: E402
     ForwardOptions,
     attach_schedule_hooks,
@@ -68,10 +67,12 @@ from megarl.megatron.weights import (  # noqa: E402
     load_hf_weights,
     save_hf_checkpoint,
 )
+from megarl.policy_io import TrainSample  # noqa: E402
 from megarl.rollout.engine import SamplingParams  # noqa: E402
 from megarl.rollout.groups import generate_across_groups  # noqa: E402
 from megarl.rollout.sync import sync_weights  # noqa: E402
 from megarl.rollout.vllm import VLLMEngine, VLLMOptions  # noqa: E402
+from megarl.routes import align_routes  # noqa: E402
 
 TOL = 1e-5
 TEMPERATURE = 0.8
@@ -230,7 +231,7 @@ def case_replay(root: Path, layout: str) -> None:
     optimizer = build_optimizer(models, TrainerConfig(lr=3e-2), params_dtype=torch.float32)
     trained = samples_of(rollouts, [1.0 if k % 2 else -1.0 for k in range(len(rollouts))])
     mbs = make_micro_batches(trained, num_micro_batches=2, seq_multiple=3, row_multiple=tp)
-    spec = PolicyObjective("grpo", "token-mean", validate_loss_params("grpo", {}, "params"))
+    spec = Objective.resolve("grpo", agg="token-mean")
     result = train_step(models, optimizer, mbs, spec, ForwardOptions(temperature=TEMPERATURE,
                                                                      chunk_size=16),
                         replay=replayer)
