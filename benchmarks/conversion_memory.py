@@ -83,7 +83,7 @@ def _status() -> dict[str, int]:
 
 def measure(direction: str, source: str, out: str, shard_bytes: int) -> dict:
     """Run one conversion in this process; peak anonymous memory above the start level."""
-    from megarl.megatron import checkpoint  # import everything before the baseline
+    from megarl.megatron import hf_conversion  # import everything before the baseline
 
     baseline = _status()["RssAnon"]
     peak = [baseline]
@@ -98,9 +98,9 @@ def measure(direction: str, source: str, out: str, shard_bytes: int) -> dict:
     sampler.start()
     start = time.perf_counter()
     if direction == "hf-to-megatron":
-        checkpoint.convert_hf_to_megatron(source, out)
+        hf_conversion.convert_hf_to_megatron(source, out)
     else:
-        checkpoint.convert_megatron_to_hf(source, out, max_shard_bytes=shard_bytes)
+        hf_conversion.convert_megatron_to_hf(source, out, max_shard_bytes=shard_bytes)
     seconds = time.perf_counter() - start
     stop.set()
     sampler.join()

@@ -1,8 +1,8 @@
 """``megarl convert hf-to-megatron | megatron-to-hf`` (also tools/convert_*.py): the command,
-beside `megarl.cli` (the conversion itself is `megarl.megatron.checkpoint`).
+beside `megarl.cli` (the conversion itself is `megarl.megatron.hf_conversion`).
 
 Both run in one process on CPU (no GPU, no torchrun) and stream: see
-`megarl.megatron.checkpoint`. Arguments are checked before megatron is imported, so a bad path
+`megarl.megatron.hf_conversion`. Arguments are checked before megatron is imported, so a bad path
 or layout fails in a second with one ``error:`` line.
 """
 
@@ -83,7 +83,7 @@ def _hf_to_megatron(args: argparse.Namespace, out: Path) -> int:
     if any(v is not None for v in sizes.values()):
         target = ParallelConfig(**{k: v for k, v in sizes.items() if v is not None})
         target.check()
-    from megarl.megatron.checkpoint import convert_hf_to_megatron
+    from megarl.megatron.hf_conversion import convert_hf_to_megatron
 
     start = time.perf_counter()
     with _progress("HF -> megatron", args.quiet) as progress:
@@ -101,7 +101,7 @@ def _megatron_to_hf(args: argparse.Namespace, out: Path) -> int:
                         "(no metadata.json)")
     if args.shard_size_gb <= 0:
         raise UserError(f"--shard-size-gb {args.shard_size_gb}: must be > 0")
-    from megarl.megatron.checkpoint import convert_megatron_to_hf
+    from megarl.megatron.hf_conversion import convert_megatron_to_hf
 
     start = time.perf_counter()
     with _progress("megatron -> HF", args.quiet) as progress:

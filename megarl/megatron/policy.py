@@ -17,14 +17,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 
 from megarl.config import Config, ModelFacts
 from megarl.convert.hf_io import HFCheckpoint
 from megarl.convert.mapping import Architecture
 from megarl.losses.objective import Objective
-from megarl.megatron.checkpoint import in_process_writer
+from megarl.megatron.dist_checkpoint import load_distributed, save_distributed
 from megarl.megatron.model import build_model, transformer_config_from_hf, wrap_ddp
 from megarl.megatron.optimizer import build_optimizer
 from megarl.megatron.packing import PackedMicroBatch, make_micro_batches
@@ -39,8 +38,6 @@ from megarl.megatron.step import (
 from megarl.megatron.update_guard import UpdateGuard, all_finite_over_world
 from megarl.megatron.weights import export_hf_weights, load_hf_weights, save_hf_checkpoint
 from megarl.policy_io import StepResult, TrainSample
-
-_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def start_distributed() -> None:
@@ -70,6 +67,7 @@ class Policy:
         chunks = build_model(self.tconfig, self.hf_config,
                              use_transformer_engine=config.model.transformer_engine,
                              grouped_experts=config.model.grouped_experts)
+        self._source_dir = None if checkpoint is None else checkpoint.path
         if checkpoint is not None:
             load_hf_weights(chunks, checkpoint)
         self.models = wrap_ddp(chunks, self.tconfig)
@@ -207,30 +205,11 @@ class Policy:
 
     # ---- checkpoints --------------------------------------------------------------------------
 
-    def sharded_state(self, *, is_loading: bool = False) -> dict[str, Any]:
-        """Model chunks and optimizer; the optimizer state in megatron's fully reshardable
-        format (one canonical tensor per parameter, so a checkpoint loads into any DP size)."""
-        model = {f"model{i}": m.module.sharded_state_dict() for i, m in enumerate(self.models)}
-        optimizer = self.optimizer.sharded_state_dict(
-            model if len(self.models) > 1 else model["model0"], is_loading=is_loading,
-            metadata=_OPTIMIZER_FORMAT)
-        return {**model, "optimizer": optimizer}
-
     def save(self, directory: Path) -> None:
-        """Model and optimizer as a megatron distributed checkpoint (collective)."""
-        if dist.get_rank() == 0:
-            directory.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
-        with in_process_writer():
-            dist_checkpointing.save(self.sharded_state(), str(directory))
+        """Model and optimizer as a megatron distributed checkpoint, with ``hf/`` (the config
+        and, from a local model, its tokenizer files): the format `megarl convert` reads."""
+        save_distributed(directory, self.models, self.hf_config, optimizer=self.optimizer,
+                         tokenizer_from=self._source_dir)
 
     def load(self, directory: Path) -> None:
-        # a fresh Adam has no state to load into: create it (a zero-gradient step, overwritten
-        # by the checkpoint below), as megatron's own loader does for megatron-fsdp
-        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            if not opt.optimizer.state:
-                opt._init_optimizer_states_with_dummy_values()
-        state = dist_checkpointing.load(self.sharded_state(is_loading=True), str(directory))
-        for i, model in enumerate(self.models):
-            model.module.load_state_dict(state[f"model{i}"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_distributed(directory, self.models, self.hf_config, optimizer=self.optimizer)

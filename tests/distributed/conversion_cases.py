@@ -20,7 +20,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 
 from megarl.convert.hf_io import HFCheckpoint
 from megarl.layout import ModelFacts, ParallelConfig
-from megarl.megatron.checkpoint import load_megatron_checkpoint, save_megatron_checkpoint
+from megarl.megatron.dist_checkpoint import load_distributed, save_distributed
 from megarl.megatron.model import build_model, transformer_config_from_hf
 from megarl.megatron.parallel import destroy_parallel, initialize_parallel
 from megarl.megatron.weights import export_hf_weights, load_hf_weights, save_hf_checkpoint
@@ -159,17 +159,17 @@ def run_case(model_type: str, layout: str, root: Path, previous: str | None) -> 
     # distributed checkpoints: the offline conversion (tools/convert_hf_to_megatron.py) loads
     # into this layout; this layout's save is read back by the next case and, offline, to HF
     fresh = build(config, layout)
-    load_megatron_checkpoint(fresh, root / f"dist-{model_type}")
+    load_distributed(root / f"dist-{model_type}", fresh, config)
     errs["dist_logits"] = worst(forward_logits(fresh, ids), expected)
-    save_megatron_checkpoint(models, root / f"saved-{model_type}-{layout}", config,
-                             tokenizer_from=source)
+    save_distributed(root / f"saved-{model_type}-{layout}", models, config,
+                     tokenizer_from=source)
     errs["cross_layout"] = errs["dist_cross_layout"] = 0.0
     if previous is not None:  # Megatron(previous layout) -> HF / dist -> Megatron(this layout)
         destroy_parallel()
         again, _ = load(root / f"exported-{model_type}-{previous}", layout)
         errs["cross_layout"] = worst(forward_logits(again, ids), logits)
         again = build(config, layout)
-        load_megatron_checkpoint(again, root / f"saved-{model_type}-{previous}")
+        load_distributed(root / f"saved-{model_type}-{previous}", again, config)
         errs["dist_cross_layout"] = worst(forward_logits(again, ids), logits)
     dist.barrier()
     errs["written_files"] = 0.0
@@ -192,7 +192,7 @@ def offline_round_trip(root: Path, model_type: str) -> dict[str, float]:
     tensor bit-identical, and transformers loads the result with no missing/unexpected key."""
     import transformers
 
-    from megarl.megatron.checkpoint import convert_hf_to_megatron, convert_megatron_to_hf
+    from megarl.megatron.hf_conversion import convert_hf_to_megatron, convert_megatron_to_hf
 
     source = root / model_type
     convert_hf_to_megatron(source, root / f"dist-{model_type}", overwrite=True)
@@ -208,7 +208,7 @@ def offline_round_trip(root: Path, model_type: str) -> dict[str, float]:
 
 def saved_to_hf(root: Path, saved: str) -> dict[str, float]:
     """A checkpoint saved from a live layout, converted offline to HF: bit-identical."""
-    from megarl.megatron.checkpoint import convert_megatron_to_hf
+    from megarl.megatron.hf_conversion import convert_megatron_to_hf
 
     model_type = saved.split("-")[1]
     back = root / f"{saved}-hf"

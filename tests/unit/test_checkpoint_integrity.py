@@ -53,7 +53,7 @@ def train(logdir: Path, steps: int, *extra: str, timeout: int = 600,
 def two_steps(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 2-step quickstart run with checkpoints step_000001 and step_000002."""
     logdir = tmp_path_factory.mktemp("two_steps")
-    r = train(logdir, 2)
+    r = train(logdir, 2, "checkpoint.save_hf=true")
     assert r.returncode == 0, r.stderr[-3000:]
     return logdir
 
@@ -306,3 +306,24 @@ def test_no_checkpoint_writer_process_outlives_a_killed_trainer(tmp_path: Path) 
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 break
+
+
+def test_a_training_checkpoint_converts_to_the_runs_hf_export(two_steps: Path,
+                                                              tmp_path: Path) -> None:
+    """One checkpoint format: ``megarl convert megatron-to-hf`` reads a run's ``policy/`` as it
+    is (its ``hf/config.json`` included) and gives the tensors the run's own HF export has."""
+    from safetensors.torch import load_file
+
+    policy = two_steps / "run" / "checkpoints" / "step_000002" / "policy"
+    assert (policy / "hf" / "config.json").is_file()
+    r = subprocess.run([sys.executable, "-m", "megarl", "convert", "megatron-to-hf",
+                        "--megatron", str(policy), "--out", str(tmp_path / "hf")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def tensors(folder: Path) -> dict[str, torch.Tensor]:
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    converted, exported = tensors(tmp_path / "hf"), tensors(two_steps / "run" / "hf")
+    assert exported and set(converted) == set(exported)
+    assert all(torch.equal(converted[k], exported[k]) for k in exported)

@@ -200,7 +200,10 @@ def _flat_expert_shards(model, metadata=None) -> dict[str, list]:
 def _model_checks(tmp: str) -> dict[str, float]:
     from pathlib import Path
 
-    from megarl.megatron.checkpoint import load_megatron_checkpoint, save_megatron_checkpoint
+    from megatron.core import dist_checkpointing
+
+    from megarl.convert.mapping import Architecture
+    from megarl.megatron.dist_checkpoint import checkpoint_state, load_distributed, save_distributed
     from megarl.megatron.experts import GroupedGemmExperts, named_expert_tensors
     from megarl.megatron.weights import export_hf_weights
 
@@ -231,17 +234,36 @@ def _model_checks(tmp: str) -> dict[str, float]:
     with torch.no_grad():
         for p in grp.parameters():
             p.add_(0.01)  # grp now differs from seq (and from a fresh model)
-    save_megatron_checkpoint([grp], Path(tmp) / "grouped", config)
-    save_megatron_checkpoint([seq], Path(tmp) / "sequential", config)
+    save_distributed(Path(tmp) / "grouped", [grp], config)
+    save_distributed(Path(tmp) / "sequential", [seq], config)
     seq2, grp2 = _model(False), _model(True)
-    load_megatron_checkpoint([seq2], Path(tmp) / "grouped")
-    load_megatron_checkpoint([grp2], Path(tmp) / "sequential")
+    load_distributed(Path(tmp) / "grouped", [seq2], config)
+    load_distributed(Path(tmp) / "sequential", [grp2], config)
     with torch.no_grad():
         errs["grouped_ckpt_into_sequential"] = float((_logits(seq2) - _logits(grp)).abs().max())
         errs["sequential_ckpt_into_grouped"] = float((_logits(grp2) - _logits(seq)).abs().max())
     hf_g, hf_s = dict(export_hf_weights([grp], config)), dict(export_hf_weights([seq2], config))
     errs["export_mismatches"] = float(sum(not torch.equal(hf_g[k], hf_s[k]) for k in hf_g)
                                       + len(set(hf_g) ^ set(hf_s)))  # fmt: skip
+    # canonical keys: TE's MoE norm key, no _extra_state; hf/config.json beside the tensors
+    keys = set(dist_checkpointing.load_tensors_metadata(str(Path(tmp) / "grouped")))
+    errs["local_norm_keys"] = float(sum(k.endswith("mlp.linear_fc1.layer_norm_weight")
+                                        for k in keys))
+    errs["te_norm_keys"] = float(sum(k.endswith("pre_mlp_layernorm.weight") for k in keys))
+    errs["extra_state_keys"] = float(sum("_extra_state" in k for k in keys))
+    errs["hf_config"] = float((Path(tmp) / "grouped" / "hf" / "config.json").is_file())
+    # a checkpoint written before the keys were canonical (the local spec's norm key) loads
+    legacy = Path(tmp) / "legacy"
+    legacy.mkdir()
+    dist_checkpointing.save(checkpoint_state([grp], Architecture.from_hf(config),
+                                             te_norm_key=False), str(legacy))
+    errs["legacy_has_local_keys"] = float(any(
+        k.endswith("mlp.linear_fc1.layer_norm_weight")
+        for k in dist_checkpointing.load_tensors_metadata(str(legacy))))
+    seq3 = _model(False)
+    load_distributed(legacy, [seq3], config)
+    with torch.no_grad():
+        errs["legacy_ckpt"] = float((_logits(seq3) - _logits(grp)).abs().max())
     return errs
 
 
@@ -345,3 +367,10 @@ def test_checkpoints_are_interchangeable(megatron_results) -> None:
     assert errs["grouped_ckpt_into_sequential"] <= 1e-6, errs
     assert errs["sequential_ckpt_into_grouped"] <= 1e-6, errs
     assert errs["export_mismatches"] == 0.0, errs
+
+
+def test_checkpoint_keys_are_canonical_and_old_keys_still_load(megatron_results) -> None:
+    errs = megatron_results["model"]
+    assert errs["local_norm_keys"] == 0.0 and errs["te_norm_keys"] == 2.0, errs
+    assert errs["extra_state_keys"] == 0.0 and errs["hf_config"] == 1.0, errs
+    assert errs["legacy_has_local_keys"] == 1.0 and errs["legacy_ckpt"] <= 1e-6, errs

@@ -1,27 +1,12 @@
-"""Megatron-core distributed checkpoints (megatron's ``torch_dist`` format) for megarl.
+"""Offline conversion between HF checkpoints and megatron distributed checkpoints, streaming, in
+ONE process, without building the model (the format: `megarl.megatron.dist_checkpoint`).
 
-A distributed checkpoint stores every tensor once, by GLOBAL key, shape and offset, so it is
-free of layout: megatron reshards on load, and a checkpoint written from any TP/PP/EP/ETP layout
-(or converted offline) loads into any other. megarl writes two more things into it: the
-source's ``config.json`` and tokenizer files under ``hf/`` (what Megatron -> HF needs back),
-and nothing else: linear-layer ``_extra_state`` objects (FP8 metadata; empty in bf16) are left
-out so a checkpoint loads into both the local and the Transformer-Engine model spec.
-
-One key differs between megatron's two specs: a MoE layer's pre-MLP norm is
-``pre_mlp_layernorm.weight`` with TE but ``mlp.linear_fc1.layer_norm_weight`` in the local spec.
-`canonical_keys` always writes and reads the TE key, which is what Megatron-LM's own
-checkpoints of Qwen3-MoE use.
-
-Two users:
-- the trainer saves and loads its live model with megatron's `dist_checkpointing`
-  (`save_megatron_checkpoint`, `load_megatron_checkpoint`);
-- the offline converters stream HF <-> distributed checkpoint in ONE process without building
-  the model (`convert_hf_to_megatron`, `megatron_to_hf_tensors`). Keys, global shapes, offsets
-  and the gate/up split come from megatron itself (the `sharded_state_dict()` of a single-rank
-  model built on the meta device); data comes from the one map of `megarl.convert`, one tensor
-  at a time. Writing puts each layer in its own ``.distcp`` file (torch keeps a file's tensors
-  until the file is closed), reading loads one layer at a time, so either direction holds at
-  most one layer's tensors plus the HF writer's one bucket.
+Keys, global shapes, offsets and the gate/up split come from megatron itself (the
+`sharded_state_dict()` of a single-rank model built on the meta device); data comes from the
+one map of `megarl.convert`, one tensor at a time. Writing puts each layer in its own
+``.distcp`` file (torch keeps a file's tensors until the file is closed), reading loads one
+layer at a time, so either direction holds at most one layer's tensors plus the HF writer's one
+bucket.
 """
 
 from __future__ import annotations
@@ -46,8 +31,6 @@ from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_conf
 from megatron.core.dist_checkpointing.mapping import (
     ShardedObject,
     ShardedTensor,
-    ShardedTensorFactory,
-    apply_factories,
 )
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
@@ -63,7 +46,6 @@ from megarl.convert.hf_io import (
     HFCheckpoint,
     HFCheckpointWriter,
     check_output_dir,
-    copy_tokenizer_files,
     dtype_of,
 )
 from megarl.convert.mapping import (
@@ -74,6 +56,14 @@ from megarl.convert.mapping import (
     tensor_maps,
 )
 from megarl.layout import ModelFacts, ParallelConfig
+from megarl.megatron.dist_checkpoint import (
+    HF_FILES,
+    canonical_keys,
+    check_stored,
+    pieces,
+    read_hf_config,
+    write_hf_files,
+)
 from megarl.megatron.model import build_model, transformer_config_from_hf
 from megarl.megatron.parallel import (
     check_layout,
@@ -82,38 +72,13 @@ from megarl.megatron.parallel import (
     initialize_parallel,
 )
 
-HF_FILES = "hf"  # config.json + tokenizer files of the source model, inside the checkpoint
 BACKEND = ("torch_dist", 1)  # megatron's format name and version (metadata.json)
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-_MOE_NORM = re.compile(r"^decoder\.layers\.(\d+)\.mlp\.linear_fc1\.layer_norm_weight$")
 
 Progress = Callable[[int, int], None]  # (done, total) tensors
 
 
 # ---- the structure megatron gives a checkpoint ---------------------------------------------
-
-
-def canonical_keys(sharded: Mapping[str, Any], arch: Architecture) -> dict[str, Any]:
-    """The sharded state dict without ``_extra_state`` objects and with TE's MoE norm key."""
-    out: dict[str, Any] = {}
-    for name, item in sharded.items():
-        if isinstance(item, ShardedObject) or name.endswith("._extra_state"):
-            continue
-        if isinstance(item, Mapping):
-            out[name] = canonical_keys(item, arch)
-            continue
-        match = _MOE_NORM.match(item.key)
-        if match and arch.moe_layers[int(match.group(1))]:
-            item = dataclasses.replace(
-                item, key=f"decoder.layers.{match.group(1)}.pre_mlp_layernorm.weight"
-            )
-        out[name] = item
-    return out
-
-
-def _model_sharded_state_dict(models: list[Any], arch: Architecture) -> dict[str, Any]:
-    chunks = [m.module if hasattr(m, "module") else m for m in models]
-    return {f"chunk{i}": canonical_keys(c.sharded_state_dict(), arch) for i, c in enumerate(chunks)}
 
 
 @contextmanager
@@ -150,17 +115,6 @@ def meta_structure(hf_config: Mapping[str, Any], dtype: torch.dtype) -> dict[str
         (model,) = build_model(config, hf_config, use_transformer_engine=False,
                                grouped_experts=False)
     return canonical_keys(model.sharded_state_dict(), arch)
-
-
-def _pieces(item: ShardedTensor | ShardedTensorFactory, data: Tensor) -> list[ShardedTensor]:
-    """The ShardedTensors a parameter is saved as (a factory splits gate / up)."""
-    if isinstance(item, ShardedTensor):
-        return [dataclasses.replace(item, data=data)]
-    built = item.build_fn(item.key, data, item.replica_id, item.flattened_range)
-    flat = list(built.values()) if isinstance(built, Mapping) else list(built)
-    if not all(isinstance(p, ShardedTensor) for p in flat):
-        raise ConversionError(f"{item.key}: unexpected nested factory output")
-    return flat
 
 
 def _check_against_map(structure: Mapping[str, Any], maps: Mapping[str, TensorMap]) -> None:
@@ -288,7 +242,7 @@ def convert_hf_to_megatron(
         tmp.mkdir(parents=True)
         with single_rank(checkpoint.config):
             summary = _write_from_hf(checkpoint, arch, torch_dtype, tmp, progress)
-        _write_hf_files(tmp, checkpoint.config, checkpoint.path, target)
+        write_hf_files(tmp, checkpoint.config, checkpoint.path, target)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -308,7 +262,7 @@ def _write_from_hf(
     where: dict[tuple[str, tuple[int, ...]], tuple[str, int]] = {}
     flat: dict[str, ShardedTensor] = {}
     for name, item in structure.items():
-        for i, piece in enumerate(_pieces(item, item.data)):
+        for i, piece in enumerate(pieces(item, item.data)):
             where[(piece.key, tuple(piece.global_offset))] = (name, i)
             flat[f"{name}#{i}"] = piece
     total, written = len(where), [0]
@@ -316,7 +270,7 @@ def _write_from_hf(
     def produce(index) -> Tensor:  # noqa: ANN001 (a torch MetadataIndex)
         name, i = where[(index.fqn, tuple(index.offset))]
         item = structure[name]  # megatron keeps some tensors in fp32 (the local spec's norms)
-        data = _pieces(item, source.full(name).to(item.data.dtype))[i].data
+        data = pieces(item, source.full(name).to(item.data.dtype))[i].data
         written[0] += 1
         if progress is not None:
             progress(written[0], total)
@@ -346,34 +300,7 @@ def _write_dcp(sharded: dict[str, Any], out: Path, planner: MCoreSavePlanner) ->
     dist.barrier()
 
 
-def _write_hf_files(
-    ckpt_dir: Path, hf_config: Mapping[str, Any], tokenizer_from: Path | None,
-    target: ParallelConfig | None = None,
-) -> None:  # fmt: skip
-    hf_dir = ckpt_dir / HF_FILES
-    hf_dir.mkdir(parents=True, exist_ok=True)
-    (hf_dir / "config.json").write_text(json.dumps(dict(hf_config), indent=2, sort_keys=True))
-    if tokenizer_from is not None:
-        copy_tokenizer_files(tokenizer_from, hf_dir)
-    if target is not None:
-        layout = {k: getattr(target, k) for k in ("tp", "pp", "ep", "expert_tp", "cp")}
-        (ckpt_dir / "megarl_target_layout.json").write_text(json.dumps(layout, indent=2))
-
-
 # ---- distributed checkpoint -> HF (offline, streaming) --------------------------------------
-
-
-def read_hf_config(ckpt_dir: str | Path) -> dict[str, Any]:
-    """The HF config stored in a megarl distributed checkpoint."""
-    path = Path(ckpt_dir).expanduser()
-    if not (path / "metadata.json").is_file():
-        raise ConversionError(f"{path}: not a megatron distributed checkpoint (no metadata.json)")
-    config = path / HF_FILES / "config.json"
-    if not config.is_file():
-        raise ConversionError(
-            f"{path}: no {HF_FILES}/config.json (pass --hf-config DIR with the model's config)"
-        )
-    return json.loads(config.read_text())
 
 
 def megatron_to_hf_tensors(
@@ -395,17 +322,17 @@ def megatron_to_hf_tensors(
     structure = meta_structure(hf_config, embedding.dtype)
     maps = {tm.megatron: tm for tm in tensor_maps(arch, "local")}
     _check_against_map(structure, maps)
-    _check_stored(structure, stored, path)
+    check_stored(structure, stored, path)
     groups = [list(g) for _, g in itertools.groupby(maps.values(), key=lambda tm: tm.layer)]
     done = 0
     for group in groups:  # embedding, layer 0, ..., layer L-1, final norm + output layer
         request, shapes = {}, {}  # shapes: per tensor, its pieces' (key, local shape)
         for tm in group:
             item = structure[tm.megatron]
-            pieces = _pieces(item, torch.empty(item.data.shape, dtype=item.data.dtype))
+            parts = pieces(item, torch.empty(item.data.shape, dtype=item.data.dtype))
             shapes[tm.megatron] = [(f"{tm.megatron}#{i}", p.local_shape)
-                                   for i, p in enumerate(pieces)]
-            for (key, _), piece in zip(shapes[tm.megatron], pieces, strict=True):
+                                   for i, p in enumerate(parts)]
+            for (key, _), piece in zip(shapes[tm.megatron], parts, strict=True):
                 request[key] = _without_prepended_axes(piece)
         loaded = dist_checkpointing.load(request, path, validate_access_integrity=False)
         for tm in group:
@@ -432,20 +359,6 @@ def _without_prepended_axes(piece: ShardedTensor) -> ShardedTensor:
         piece, data=torch.empty(shape, dtype=piece.data.dtype), local_shape=shape,
         prepend_axis_num=0,
     )
-
-
-def _check_stored(structure: Mapping[str, Any], stored: Mapping[str, Any], path: str) -> None:
-    """Every tensor the model needs is in the checkpoint with its global shape, by name."""
-    for item in structure.values():
-        for piece in _pieces(item, item.data):
-            have = stored.get(piece.key)
-            if have is None:
-                raise ConversionError(f"{path}: checkpoint is missing tensor {piece.key}")
-            if tuple(have.global_shape) != tuple(piece.global_shape):
-                raise ConversionError(
-                    f"{path}: tensor {piece.key} has shape {tuple(have.global_shape)}, the "
-                    f"model needs {tuple(piece.global_shape)} (a different model config?)"
-                )
 
 
 def convert_megatron_to_hf(
@@ -479,72 +392,3 @@ def convert_megatron_to_hf(
     ) as writer:  # fmt: skip
         writer.add_all(megatron_to_hf_tensors(path, hf_config, progress=progress))
     return {"tensors": writer.num_tensors, "bytes": writer.total_bytes}
-
-
-# ---- live models (the trainer) --------------------------------------------------------------
-
-
-@contextmanager
-def in_process_writer() -> Iterator[None]:
-    """megatron's synchronous `dist_checkpointing.save` without a helper process.
-
-    Its filesystem writer collects the write results in a queue from a ``multiprocessing``
-    Manager, a server process started (with a resource tracker) on the first save and kept for
-    the life of the trainer; a trainer killed on its own (SIGKILL, OOM killer) leaves both
-    running. A synchronous save writes in this process, so a plain queue is all it needs.
-    """
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    previous = filesystem_async._results_queue
-    filesystem_async._results_queue = queue.Queue()
-    try:
-        yield
-    finally:
-        filesystem_async._results_queue = previous
-
-
-def save_megatron_checkpoint(
-    models: list[Any],
-    ckpt_dir: str | Path,
-    hf_config: Mapping[str, Any],
-    *,
-    tokenizer_from: str | Path | None = None,
-) -> None:
-    """Save the model from any layout (collective); rank 0 adds ``hf/`` and renames into place."""
-    arch = Architecture.from_hf(hf_config)
-    out = Path(ckpt_dir).expanduser()
-    tmp = out.with_name(f".{out.name}.tmp")
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    sharded = _model_sharded_state_dict(models, arch)
-    apply_factories(sharded)
-    _write_dcp(sharded, tmp, MCoreSavePlanner(flatten_state_dict=False,
-                                              flatten_sharded_tensors=False))
-    if dist.get_rank() == 0:
-        _write_hf_files(tmp, hf_config, None if tokenizer_from is None else Path(tokenizer_from))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    dist.barrier()
-
-
-def load_megatron_checkpoint(models: list[Any], ckpt_dir: str | Path) -> None:
-    """Load a distributed checkpoint (from any layout, or converted) into the model chunks."""
-    path = str(Path(ckpt_dir).expanduser())
-    hf_config = read_hf_config(path)
-    arch = Architecture.from_hf(hf_config)
-    sharded = _model_sharded_state_dict(models, arch)
-    stored = dist_checkpointing.load_tensors_metadata(path)
-    for chunk in sharded.values():
-        _check_stored(chunk, stored, path)
-    loaded = dist_checkpointing.load(sharded, path)
-    for i, model in enumerate(models):
-        inner = model.module if hasattr(model, "module") else model
-        result = inner.load_state_dict(loaded[f"chunk{i}"], strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("._extra_state")]
-        if missing or result.unexpected_keys:
-            unexpected = result.unexpected_keys[:4]
-            raise ConversionError(f"{path}: parameters not loaded {missing[:4]}, "
-                                  f"unexpected {unexpected}")
