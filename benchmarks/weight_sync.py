@@ -103,14 +103,15 @@ def mismatches(models: list[Any], engine: Any, hf: dict[str, Any]) -> tuple[int,
 
 def projection(rate_gbps: float, copy_gbps: float) -> dict[str, Any]:
     """Sync time of Qwen3-30B-A3B under the 30B recipe's layout from the measured rates."""
+    import dataclasses
+
     from megarl.config import load_config
-    from megarl.planning import RankLayout, count_params, estimate_memory, rank_layout
+    from megarl.planning import count_params, estimate_memory
 
     config = load_config(RECIPE)
     counts = count_params(config.model.known_config())
     p = config.parallel
-    layout8 = RankLayout(world=8, tp=p.tp, pp=p.pp, cp=p.cp, dp=8 // (p.tp * p.pp * p.cp),
-                         ep=p.ep, etp=p.expert_tp)
+    layout8 = dataclasses.replace(p, dp=None, world_size=None).resolve(8)
     megatron_shard = estimate_memory(config, layout8).local_params
     per_gpu = {
         "full_model_stream": counts.total * 2,  # megarl's export: every full tensor, every rank
@@ -121,7 +122,7 @@ def projection(rate_gbps: float, copy_gbps: float) -> dict[str, Any]:
         "recipe": str(RECIPE.relative_to(ROOT)),
         "layout": {"gpus": 8, "tp": p.tp, "ep": p.ep, "pp": p.pp, "etp": p.expert_tp,
                    "rollout_tp": config.rollout.tp, "recipe_world_size": p.world_size,
-                   "recipe_layout": str(rank_layout(config))},
+                   "recipe_layout": str(p.resolved())},
         "params_total": counts.total,
         "bytes_per_gpu": per_gpu,
         "seconds_at_measured_sync_rate": {k: v / (rate_gbps * 1e9) for k, v in per_gpu.items()},

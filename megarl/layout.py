@@ -1,6 +1,8 @@
 """The parallel layout, pure (no megatron import): the degrees (tp, pp, vpp, cp, dp, ep, etp,
-sequence parallelism), how they resolve against a world size, and every rule a layout must meet
-for a model (heads, KV groups, layers, experts, vocabulary, MoE with TP). Config validation,
+sequence parallelism), how they resolve against a world size, every rule a layout must meet
+for a model (heads, KV groups, layers, experts, vocabulary, MoE with TP), and the ranks: each
+axis's groups, one rank's coordinates (`RankCoordinates`), each stage's layers and each EP
+rank's experts. Config validation,
 ``megarl plan``, the memory model and megatron's process groups (`megarl.megatron.parallel`) all
 check layouts here; tests/unit/test_layout_agreement.py holds it to megatron-core's own verdicts.
 """
@@ -150,6 +152,10 @@ class ParallelConfig:
         dp = self.check_world_size(world_size)
         return dataclasses.replace(self, dp=dp, world_size=world_size)
 
+    def resolved(self) -> ParallelConfig | None:
+        """The layout resolved against its own ``world_size`` (None when the launcher decides)."""
+        return None if self.world_size is None else self.resolve(self.world_size)
+
     def check_model(self, facts: ModelFacts) -> None:
         """Constraints that need the model's architecture; unknown numbers are skipped."""
         if facts.num_attention_heads is not None and facts.num_attention_heads % self.tp:
@@ -186,3 +192,101 @@ class ParallelConfig:
                 "parallel.sequence_parallel", False,
                 "must be true for MoE models with tp > 1 (megatron-core requires it in training)",
             )
+
+    # ---- the ranks of a resolved layout (megatron-core's RankGenerator order) ----------------
+    # dense axes "tp-cp-dp-pp", expert axes "etp-ep-edp-pp", the first axis fastest: consecutive
+    # ranks share a TP group, a pipeline stage is a contiguous block of ranks
+
+    def _resolved(self) -> tuple[int, int]:
+        if self.world_size is None:
+            raise ValueError("the layout's world size is unknown: resolve(world_size) first")
+        return self.world_size, int(self.data_parallel_size(self.world_size))  # type: ignore[arg-type]
+
+    @property
+    def edp(self) -> int:
+        """Expert data-parallel size: the ranks of one stage re-folded as etp x ep x edp."""
+        world, _ = self._resolved()
+        return world // (self.pp * self.ep * self.expert_tp)
+
+    def _axes(self, expert: bool) -> list[tuple[str, int]]:
+        world, dp = self._resolved()
+        if expert:
+            return [("etp", self.expert_tp), ("ep", self.ep), ("edp", self.edp), ("pp", self.pp)]
+        return [("tp", self.tp), ("cp", self.cp), ("dp", dp), ("pp", self.pp)]
+
+    def _indices(self, rank: int, expert: bool) -> dict[str, int]:
+        out, rest = {}, rank
+        for name, size in self._axes(expert):  # mixed radix, first axis fastest
+            out[name], rest = rest % size, rest // size
+        return out
+
+    def groups(self, axis: str) -> list[list[int]]:
+        """Every group of ``axis`` (tp, cp, dp, pp, ep, etp, edp), each sorted, by first rank."""
+        expert = axis in ("ep", "etp", "edp")
+        if axis not in dict(self._axes(expert)):
+            raise ValueError(f"unknown axis {axis!r}")
+        found: dict[tuple[int, ...], list[int]] = {}
+        for rank in range(self._resolved()[0]):
+            index = self._indices(rank, expert)
+            found.setdefault(tuple(c for a, c in index.items() if a != axis), []).append(rank)
+        return sorted(found.values())
+
+    def group_of(self, axis: str, rank: int) -> list[int]:
+        return next(g for g in self.groups(axis) if rank in g)
+
+    def coordinates(self, rank: int, vp_stage: int = 0) -> RankCoordinates:
+        """Where `rank` (and its model chunk `vp_stage`) sits: sizes and indices on every axis."""
+        world, dp = self._resolved()
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside a world of {world}")
+        dense, expert = self._indices(rank, False), self._indices(rank, True)
+        return RankCoordinates(
+            world_size=world, rank=rank, tp=self.tp, tp_rank=dense["tp"], pp=self.pp,
+            pp_rank=dense["pp"], cp=self.cp, cp_rank=dense["cp"], dp=dp, dp_rank=dense["dp"],
+            ep=self.ep, ep_rank=expert["ep"], etp=self.expert_tp, etp_rank=expert["etp"],
+            vpp=self.vpp or 1, vp_stage=vp_stage,
+            sequence_parallel=self.use_sequence_parallel)  # fmt: skip
+
+    def stage_layers(self, num_layers: int) -> list[list[int]]:
+        """Decoder layers per pipeline rank: megatron's even split (pp*vpp divides the layers);
+        with VPP, rank p holds chunk v = layers [(v*pp + p)*n, (v*pp + p + 1)*n) for
+        n = layers/(pp*vpp)."""
+        vpp = self.vpp or 1
+        n = num_layers // (self.pp * vpp)
+        return [[layer for v in range(vpp) for layer in range((v * self.pp + p) * n,
+                                                             (v * self.pp + p + 1) * n)]
+                for p in range(self.pp)]
+
+    def expert_ranges(self, num_experts: int) -> list[range]:
+        """Experts per EP rank: contiguous blocks of num_experts/ep (megatron's local experts)."""
+        n = num_experts // self.ep
+        return [range(r * n, (r + 1) * n) for r in range(self.ep)]
+
+
+@dataclass(frozen=True)
+class RankCoordinates:
+    """One rank's place in a resolved layout (`ParallelConfig.coordinates`), and for a model
+    chunk its virtual pipeline stage: the size of every axis and this rank's index on it.
+    Conversion and weight sync shard by it; the trainer reads its data-parallel share from it."""
+
+    tp: int = 1
+    tp_rank: int = 0
+    pp: int = 1
+    pp_rank: int = 0
+    cp: int = 1
+    cp_rank: int = 0
+    dp: int = 1
+    dp_rank: int = 0
+    ep: int = 1
+    ep_rank: int = 0
+    etp: int = 1
+    etp_rank: int = 0
+    vpp: int = 1
+    vp_stage: int = 0
+    sequence_parallel: bool = False
+    world_size: int = 1
+    rank: int = 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from megarl.config import Config
 from megarl.convert.mapping import SUPPORTED, Architecture
-from megarl.planning import count_params, estimate_memory, rank_layout
+from megarl.planning import count_params, estimate_memory
 
 Section = tuple[str, list[tuple[str, str]]]
 
@@ -87,7 +87,7 @@ def _layout(c: Config) -> list[tuple[str, str]]:
         ("world size", _opt(world, "from the launcher")),
         ("sequence parallel", _onoff(p.use_sequence_parallel)),
     ]
-    layout = rank_layout(c)
+    layout = p.resolved()
     if layout is None:
         return rows
     for axis in ("tp", "cp", "dp", "pp", "ep", "etp", "edp"):
@@ -96,7 +96,7 @@ def _layout(c: Config) -> list[tuple[str, str]]:
     if arch is None:
         return rows
     for stage, layers in enumerate(layout.stage_layers(arch.num_layers)):
-        per_stage = layout.world // layout.pp  # pp is the slowest axis: a contiguous block
+        per_stage = layout.world_size // layout.pp  # pp is the slowest axis: a contiguous block
         first = stage * per_stage
         rows.append((f"PP stage {stage}", f"decoder layers {_spans(layers)} on ranks "
                                           f"{first}-{first + per_stage - 1}"))
@@ -131,7 +131,7 @@ def _parameters(c: Config) -> list[Section]:
 
 
 def _memory(c: Config) -> list[Section]:
-    if _architecture(c) is None or rank_layout(c) is None:
+    if _architecture(c) is None or c.parallel.world_size is None:
         return []
     m = estimate_memory(c)
     title = "Memory per GPU (GiB)" + (f", PP stage {m.stage}" if c.parallel.pp > 1 else "")

@@ -1,13 +1,10 @@
 """The arithmetic behind ``megarl plan``: parameter counts, the rank layout, per-GPU memory.
 
 Pure Python (no torch, no megatron import), so ``megarl plan`` answers in a blink on a laptop.
-Three concerns, one section each:
+Two concerns, one section each (the ranks of a layout: `megarl.layout.ParallelConfig`):
 
 - ``count_params``: exact parameter counts of a Qwen3-MoE / Qwen3 / Qwen2 / Llama HF config,
   split the way the parallel layout shards them.
-- ``RankLayout``: which ranks form each TP / CP / DP / PP / EP / ETP / EDP group (megatron-core's
-  ``RankGenerator`` arithmetic, order "tp-cp-ep-dp-pp"), which decoder layers each pipeline
-  stage builds, which experts each EP rank holds.
 - ``estimate_memory``: bytes per GPU of the training state, activations, the log-prob chunk,
   the colocated vLLM engine and the weight sync, and a verdict against ``parallel.gpu_memory_gib``.
 
@@ -16,12 +13,14 @@ Units: "B" is 1e9 parameters; memory is GiB (2**30 bytes), as torch reports it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from megarl.config import Config
 from megarl.convert.mapping import Architecture
+from megarl.layout import ParallelConfig
 
 GIB = float(1 << 30)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -119,73 +118,6 @@ def count_params(hf: Mapping[str, Any]) -> ParamCounts:
     )
 
 
-# ---------------------------------------------------------------------------------- layout
-
-
-@dataclass(frozen=True)
-class RankLayout:
-    """The ranks of a resolved `ParallelConfig`, as megatron-core's ``RankGenerator`` lays
-    them out: dense axes "tp-cp-dp-pp" and expert axes "etp-ep-edp-pp", first axis fastest
-    (consecutive ranks share a TP group; a pipeline stage is a contiguous block of ranks)."""
-
-    world: int
-    tp: int
-    pp: int
-    cp: int
-    dp: int
-    ep: int
-    etp: int
-    vpp: int = 1
-
-    @property
-    def edp(self) -> int:
-        """Expert data-parallel size: the ranks of one stage re-folded as etp x ep x edp."""
-        return self.world // (self.pp * self.ep * self.etp)
-
-    def groups(self, axis: str) -> list[list[int]]:
-        """Every group of ``axis`` (tp, cp, dp, pp, ep, etp, edp), each sorted, by first rank."""
-        dense = [("tp", self.tp), ("cp", self.cp), ("dp", self.dp), ("pp", self.pp)]
-        expert = [("etp", self.etp), ("ep", self.ep), ("edp", self.edp), ("pp", self.pp)]
-        axes = expert if axis in ("ep", "etp", "edp") else dense
-        if axis not in dict(axes):
-            raise ValueError(f"unknown axis {axis!r}")
-        found: dict[tuple[int, ...], list[int]] = {}
-        for rank in range(self.world):
-            coords, rest = {}, rank
-            for name, size in axes:  # mixed radix, first axis fastest
-                coords[name], rest = rest % size, rest // size
-            key = tuple(c for name, c in coords.items() if name != axis)
-            found.setdefault(key, []).append(rank)
-        return sorted(found.values())
-
-    def group_of(self, axis: str, rank: int) -> list[int]:
-        return next(g for g in self.groups(axis) if rank in g)
-
-    def stage_layers(self, num_layers: int) -> list[list[int]]:
-        """Decoder layers per pipeline rank: megatron's even split (megarl requires pp*vpp to
-        divide the layers); with VPP, rank p holds chunk v = layers
-        [(v*pp + p)*n, (v*pp + p + 1)*n) for n = layers/(pp*vpp)."""
-        n = num_layers // (self.pp * self.vpp)
-        return [[layer for v in range(self.vpp) for layer in range((v * self.pp + p) * n,
-                                                                  (v * self.pp + p + 1) * n)]
-                for p in range(self.pp)]
-
-    def expert_ranges(self, num_experts: int) -> list[range]:
-        """Experts per EP rank: contiguous blocks of num_experts/ep (megatron's local experts)."""
-        n = num_experts // self.ep
-        return [range(r * n, (r + 1) * n) for r in range(self.ep)]
-
-
-def rank_layout(config: Config) -> RankLayout | None:
-    """The layout of a config that states its world size (None when the launcher decides)."""
-    p = config.parallel
-    if p.world_size is None:
-        return None
-    r = p.resolve(p.world_size)
-    return RankLayout(world=r.world_size, tp=r.tp, pp=r.pp, cp=r.cp, dp=int(r.dp),  # type: ignore[arg-type]
-                      ep=r.ep, etp=r.expert_tp, vpp=r.vpp or 1)
-
-
 # ---------------------------------------------------------------------------------- memory
 
 
@@ -241,7 +173,7 @@ class MemoryEstimate:
         return f"does not fit on {where}: {'; '.join(parts)}. Hint: {hint}"
 
 
-def _stage_params(counts: ParamCounts, layout: RankLayout, stage: int,
+def _stage_params(counts: ParamCounts, layout: ParallelConfig, stage: int,
                   layers: list[int]) -> tuple[float, float, float]:
     """(split over TP, replicated over TP, expert) parameters on one GPU of a stage; the
     expert share is already divided by ep*etp."""
@@ -254,10 +186,10 @@ def _stage_params(counts: ParamCounts, layout: RankLayout, stage: int,
         replicated += counts.final_norm
         # an untied head; a tied one is the embedding itself, or a copy on a later last stage
         split += counts.output or (counts.embedding if layout.pp > 1 else 0)
-    return split / layout.tp, float(replicated), expert / (layout.ep * layout.etp)
+    return split / layout.tp, float(replicated), expert / (layout.ep * layout.expert_tp)
 
 
-def estimate_memory(config: Config, layout: RankLayout | None = None) -> MemoryEstimate:
+def estimate_memory(config: Config, layout: ParallelConfig | None = None) -> MemoryEstimate:
     """Per-GPU memory of a colocated run, at the pipeline stage with the highest training peak.
 
     Phases (vLLM sleeps, weights and KV released, while Megatron trains; Megatron's state has no
@@ -270,11 +202,9 @@ def estimate_memory(config: Config, layout: RankLayout | None = None) -> MemoryE
     hf = config.model.known_config()
     counts = count_params(hf)
     arch = Architecture.from_hf(hf)
-    layout = layout or rank_layout(config) or RankLayout(
-        world=config.parallel.tp * config.parallel.pp * config.parallel.cp *
-        (config.parallel.dp or 1), tp=config.parallel.tp, pp=config.parallel.pp,
-        cp=config.parallel.cp, dp=config.parallel.dp or 1, ep=config.parallel.ep,
-        etp=config.parallel.expert_tp, vpp=config.parallel.vpp or 1)
+    p = config.parallel  # world size left to the launcher: the smallest world, dp or 1
+    layout = layout or p.resolved() or dataclasses.replace(
+        p, dp=p.dp or 1, world_size=p.tp * p.pp * p.cp * (p.dp or 1))
     gpu = config.parallel.gpu_memory_gib
     wbytes = DTYPE_BYTES[config.model.dtype]
     r, t = config.rollout, config.trainer

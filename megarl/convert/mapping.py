@@ -25,11 +25,8 @@ import torch
 from torch import Tensor
 
 from megarl.errors import UserError
-from megarl.hf_checks import (  # the architectures mapped here, the one reader of their fields
-    SUPPORTED,
-    num_experts_of,
-    router_topk_of,
-)
+from megarl.hf_checks import SUPPORTED  # the architectures mapped here
+from megarl.layout import ModelFacts  # the one reader of the fields layout and conversion share
 
 Scheme = Literal["local", "te"]
 Kind = Literal["copy", "qkv", "gated"]
@@ -64,29 +61,39 @@ class Architecture:
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> Architecture:
+        """The fields layout and conversion share are read once, by `ModelFacts.from_hf`; the
+        rest (head size, FFN sizes, which layers are MoE, ties and biases) only matter here."""
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED:
             raise ConversionError(
                 f"config.json model_type={model_type!r}: supported are {', '.join(SUPPORTED)}"
             )
-        layers = int(hf["num_hidden_layers"])
-        heads = int(hf["num_attention_heads"])
-        experts = num_experts_of(hf) or 0
+        facts = ModelFacts.from_hf(hf)
+
+        def required(value: int | None, key: str) -> int:
+            if value is None:
+                raise ConversionError(f"config.json has no integer {key}")
+            return value
+
+        layers = required(facts.num_layers, "num_hidden_layers")
+        heads = required(facts.num_attention_heads, "num_attention_heads")
+        hidden = required(facts.hidden_size, "hidden_size")
+        experts = facts.num_experts or 0
         step = int(hf.get("decoder_sparse_step", 1) or 1)
         dense = set(hf.get("mlp_only_layers") or [])
         moe = tuple(experts > 0 and i not in dense and (i + 1) % step == 0 for i in range(layers))
         return cls(
             model_type=model_type,
             num_layers=layers,
-            hidden=int(hf["hidden_size"]),
+            hidden=hidden,
             heads=heads,
-            groups=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads),
-            vocab=int(hf["vocab_size"]),
+            groups=required(facts.num_query_groups, "num_key_value_heads"),
+            head_dim=int(hf.get("head_dim") or hidden // heads),
+            vocab=required(facts.vocab_size, "vocab_size"),
             ffn=int(hf.get("intermediate_size") or 0),
             moe_ffn=int(hf.get("moe_intermediate_size") or 0),
             num_experts=experts,
-            topk=router_topk_of(hf),
+            topk=facts.moe_router_topk or 0,
             moe_layers=moe,
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qk_norm=model_type in ("qwen3", "qwen3_moe"),

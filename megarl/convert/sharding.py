@@ -15,32 +15,16 @@ Rules (megatron-core's own splits):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from megarl.convert.mapping import ConversionError, TensorMap
+from megarl.layout import RankCoordinates
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 _GROUPED_EXPERT = re.compile(r"(\.experts\.linear_fc[12]\.weight)(\d+)$")
-
-
-@dataclass(frozen=True)
-class Coordinates:
-    """Where one model chunk sits in the layout."""
-
-    tp: int = 1
-    tp_rank: int = 0
-    etp: int = 1
-    etp_rank: int = 0
-    ep: int = 1
-    ep_rank: int = 0
-    pp: int = 1
-    pp_rank: int = 0
-    vpp: int = 1
-    vp_stage: int = 0
 
 
 def tp_split_dim(name: str) -> int | None:
@@ -82,7 +66,7 @@ def expert_home(expert: int, num_experts: int, ep: int) -> tuple[int, int]:
     return expert // per_rank, expert % per_rank
 
 
-def owned(tm: TensorMap, num_layers: int, num_experts: int, at: Coordinates) -> bool:
+def owned(tm: TensorMap, num_layers: int, num_experts: int, at: RankCoordinates) -> bool:
     """Whether the chunk at `at` holds (a shard of) tensor `tm`."""
     if tm.layer is None:
         first = at.pp_rank == 0 and at.vp_stage == 0
@@ -94,7 +78,7 @@ def owned(tm: TensorMap, num_layers: int, num_experts: int, at: Coordinates) -> 
     return tm.expert is None or expert_home(tm.expert, num_experts, at.ep)[0] == at.ep_rank
 
 
-def local_name(tm: TensorMap, num_layers: int, num_experts: int, at: Coordinates) -> str:
+def local_name(tm: TensorMap, num_layers: int, num_experts: int, at: RankCoordinates) -> str:
     """The parameter name of `tm` inside the chunk at `at` (local layer / expert indices)."""
     name = tm.megatron
     if tm.layer is not None:
@@ -107,11 +91,11 @@ def local_name(tm: TensorMap, num_layers: int, num_experts: int, at: Coordinates
     return name
 
 
-def _tp(name: str, at: Coordinates) -> tuple[int, int]:
+def _tp(name: str, at: RankCoordinates) -> tuple[int, int]:
     return (at.etp, at.etp_rank) if is_expert(name) else (at.tp, at.tp_rank)
 
 
-def shard(name: str, full: Tensor, at: Coordinates) -> Tensor:
+def shard(name: str, full: Tensor, at: RankCoordinates) -> Tensor:
     """This rank's TP shard of the global tensor `name`."""
     dim = tp_split_dim(name)
     size, rank = _tp(name, at)

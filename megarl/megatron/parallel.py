@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -25,32 +24,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
-from megarl.layout import ModelFacts, ParallelConfig
-
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    """This rank's place in the layout (sizes and ranks per axis)."""
-
-    world_size: int
-    rank: int
-    tp: int
-    pp: int
-    cp: int
-    ep: int
-    etp: int
-    dp: int
-    vpp: int | None
-    sequence_parallel: bool
-    tp_rank: int
-    pp_rank: int
-    cp_rank: int
-    dp_rank: int
-    ep_rank: int
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
+from megarl.layout import ModelFacts, ParallelConfig, RankCoordinates
 
 
 def init_process_group(backend: str | None = None, timeout_s: float = 600.0) -> None:
@@ -78,7 +52,7 @@ def check_layout(parallel: ParallelConfig, facts: ModelFacts, world_size: int) -
 
 def initialize_parallel(
     parallel: ParallelConfig, facts: ModelFacts, seed: int | None = 42
-) -> ParallelLayout:
+) -> RankCoordinates:
     """Validate, (re)create megatron-core's process groups and seed all RNGs.
 
     ``seed=None`` skips seeding (megatron's RNG tracker needs CUDA): for offline tools that only
@@ -109,24 +83,23 @@ def megatron_sizes(parallel: ParallelConfig) -> dict[str, int | None]:
     }
 
 
-def current_layout(resolved: ParallelConfig) -> ParallelLayout:
-    return ParallelLayout(
-        world_size=dist.get_world_size(),
-        rank=dist.get_rank(),
-        tp=resolved.tp,
-        pp=resolved.pp,
-        cp=resolved.cp,
-        ep=resolved.ep,
-        etp=resolved.expert_tp,
-        dp=int(resolved.dp or 1),
-        vpp=resolved.vpp if (resolved.vpp or 1) > 1 else None,
-        sequence_parallel=resolved.use_sequence_parallel,
-        tp_rank=ps.get_tensor_model_parallel_rank(),
-        pp_rank=ps.get_pipeline_model_parallel_rank(),
-        cp_rank=ps.get_context_parallel_rank(),
-        dp_rank=ps.get_data_parallel_rank(),
-        ep_rank=ps.get_expert_model_parallel_rank(),
-    )
+def current_layout(resolved: ParallelConfig) -> RankCoordinates:
+    """This rank's coordinates in `resolved` (`megarl.layout`), checked against the groups
+    megatron-core just built: the layout arithmetic megarl plans with is megatron's own."""
+    here = resolved.coordinates(dist.get_rank())
+    megatron = {
+        "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "pp_rank": ps.get_pipeline_model_parallel_rank(),
+        "cp_rank": ps.get_context_parallel_rank(),
+        "dp_rank": ps.get_data_parallel_rank(),
+        "ep_rank": ps.get_expert_model_parallel_rank(),
+        "etp_rank": ps.get_expert_tensor_parallel_rank(),
+    }
+    ours = {k: getattr(here, k) for k in megatron}
+    if ours != megatron:
+        raise RuntimeError(f"rank {here.rank}: megarl.layout places it at {ours}, "
+                           f"megatron-core at {megatron}")
+    return here
 
 
 def seed_everything(seed: int) -> None:

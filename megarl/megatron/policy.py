@@ -22,12 +22,13 @@ from megatron.core import parallel_state as ps
 from megarl.config import Config, ModelFacts
 from megarl.convert.hf_io import HFCheckpoint
 from megarl.convert.mapping import Architecture
+from megarl.layout import RankCoordinates
 from megarl.losses.objective import Objective
 from megarl.megatron.dist_checkpoint import load_distributed, save_distributed
 from megarl.megatron.model import build_model, transformer_config_from_hf, wrap_ddp
 from megarl.megatron.optimizer import build_optimizer
 from megarl.megatron.packing import PackedMicroBatch, make_micro_batches
-from megarl.megatron.parallel import ParallelLayout, init_process_group, initialize_parallel
+from megarl.megatron.parallel import init_process_group, initialize_parallel
 from megarl.megatron.router_replay import RouteRecorder, RouteReplayer, sample_routes
 from megarl.megatron.step import (
     ForwardOptions,
@@ -56,7 +57,7 @@ class Policy:
         start_distributed()
         self.config, self.hf_config = config, dict(hf_config)
         facts = ModelFacts.from_hf(self.hf_config)
-        self.layout: ParallelLayout = initialize_parallel(config.parallel, facts,
+        self.layout: RankCoordinates = initialize_parallel(config.parallel, facts,
                                                           seed=config.trainer.seed)
         self.replay_mode = config.model.replay_mode(facts)
         resolved = config.parallel.resolve(self.layout.world_size)

@@ -29,7 +29,6 @@ from megarl.convert.mapping import (
     tied_output_map,
 )
 from megarl.convert.sharding import (
-    Coordinates,
     expert_home,
     is_expert,
     layer_home,
@@ -39,14 +38,15 @@ from megarl.convert.sharding import (
     tp_split_dim,
     unshard,
 )
+from megarl.layout import RankCoordinates
 from megarl.megatron.experts import named_expert_tensors
 
 
-def coordinates(chunk: Any) -> Coordinates:
+def coordinates(chunk: Any) -> RankCoordinates:
     """Where `chunk` (a GPTModel, possibly DDP-wrapped) sits in the current layout."""
     inner = chunk.module if hasattr(chunk, "module") else chunk
     vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
-    return Coordinates(
+    return RankCoordinates(
         tp=ps.get_tensor_model_parallel_world_size(),
         tp_rank=ps.get_tensor_model_parallel_rank(),
         etp=ps.get_expert_tensor_parallel_world_size(),
@@ -148,7 +148,7 @@ def _gather_one(tm: TensorMap, arch: Architecture, places) -> tuple[Tensor | Non
     return None, False
 
 
-def _owner_rank(tm: TensorMap, arch: Architecture, homes: list[Any], at: Coordinates) -> int:
+def _owner_rank(tm: TensorMap, arch: Architecture, homes: list[Any], at: RankCoordinates) -> int:
     """The lowest global rank on the pipeline stage (and EP rank) that holds `tm`."""
     if tm.layer is None:
         stage = 0 if tm.megatron.startswith("embedding.") else at.pp - 1

@@ -17,7 +17,8 @@ from megarl.convert.mapping import (
     check_hf_names,
     tensor_maps,
 )
-from megarl.convert.sharding import Coordinates, local_name, owned, shard, unshard
+from megarl.convert.sharding import local_name, owned, shard, unshard
+from megarl.layout import RankCoordinates
 
 TINY = {
     "qwen3_moe": {
@@ -107,13 +108,14 @@ def test_shards_reassemble_for_every_tp_size() -> None:
     torch.manual_seed(1)
     for tm, size in itertools.product(tensor_maps(arch), (1, 2)):
         full = torch.randn(tm.shape)
-        pieces = [shard(tm.megatron, full, Coordinates(tp=size, tp_rank=r, etp=size, etp_rank=r))
+        pieces = [shard(tm.megatron, full,
+                        RankCoordinates(tp=size, tp_rank=r, etp=size, etp_rank=r))
                   for r in range(size)]
         assert torch.equal(unshard(tm.megatron, pieces), full), tm.megatron
     fc1 = next(t for t in tensor_maps(arch)
                if t.megatron.endswith("local_experts.0.linear_fc1.weight"))
     full = torch.arange(32).float().view(32, 1)  # [gate 0..15; up 16..31]
-    rank1 = shard(fc1.megatron, full, Coordinates(etp=2, etp_rank=1))
+    rank1 = shard(fc1.megatron, full, RankCoordinates(etp=2, etp_rank=1))
     assert rank1[:, 0].tolist() == list(range(8, 16)) + list(range(24, 32))
 
 
@@ -122,7 +124,7 @@ def test_every_tensor_has_exactly_one_home_per_layout() -> None:
     for pp, vpp, ep in [(1, 1, 1), (2, 1, 2), (2, 2, 4)]:
         homes = {}
         for pp_rank, vp_stage, ep_rank in itertools.product(range(pp), range(vpp), range(ep)):
-            at = Coordinates(pp=pp, pp_rank=pp_rank, vpp=vpp, vp_stage=vp_stage, ep=ep,
+            at = RankCoordinates(pp=pp, pp_rank=pp_rank, vpp=vpp, vp_stage=vp_stage, ep=ep,
                              ep_rank=ep_rank)
             for tm in tensor_maps(arch):
                 if owned(tm, arch.num_layers, arch.num_experts, at):
@@ -135,7 +137,7 @@ def test_every_tensor_has_exactly_one_home_per_layout() -> None:
             assert len(stages) == 1, tm.megatron  # one pipeline chunk
             expected_ep = 1 if tm.expert is not None else ep  # experts: one EP rank
             assert len(homes[tm.megatron]) == expected_ep, tm.megatron
-    at = Coordinates(pp=2, pp_rank=1, ep=4, ep_rank=3)
+    at = RankCoordinates(pp=2, pp_rank=1, ep=4, ep_rank=3)
     tm = next(t for t in tensor_maps(arch, "te") if t.megatron.endswith("linear_fc2.weight7")
               and t.layer == 3)
     assert local_name(tm, 4, 8, at) == "decoder.layers.1.mlp.experts.linear_fc2.weight1"

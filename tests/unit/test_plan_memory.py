@@ -13,10 +13,8 @@ from megarl.config import ParallelConfig, load_config
 from megarl.errors import ConfigError
 from megarl.planning import (
     GIB,
-    RankLayout,
     count_params,
     estimate_memory,
-    rank_layout,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,7 +90,8 @@ def test_rank_groups_equal_megatron_rank_generator() -> None:
     for tp, cp, pp, ep, etp, world in [(2, 2, 2, 4, 1, 16), (2, 1, 2, 4, 2, 32),
                                        (1, 1, 4, 8, 1, 32), (2, 1, 1, 8, 1, 32)]:
         dp = world // (tp * cp * pp)
-        layout = RankLayout(world=world, tp=tp, pp=pp, cp=cp, dp=dp, ep=ep, etp=etp)
+        layout = ParallelConfig(tp=tp, pp=pp, cp=cp, ep=ep, etp=etp).resolve(world)
+        assert layout.dp == dp
         dense = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=cp, order="tp-cp-ep-dp-pp")
         expert = RankGenerator(tp=etp, ep=ep, dp=layout.edp, pp=pp, cp=1,
                                order="tp-cp-ep-dp-pp")
@@ -100,13 +99,18 @@ def test_rank_groups_equal_megatron_rank_generator() -> None:
             assert layout.groups(axis) == sorted(dense.get_ranks(axis)), (axis, layout)
         for axis, token in (("ep", "ep"), ("etp", "tp"), ("edp", "dp")):
             assert layout.groups(axis) == sorted(expert.get_ranks(token)), (axis, layout)
+        for rank in range(world):  # one rank's coordinates: its index in each of its groups
+            at = layout.coordinates(rank)
+            for axis in ("tp", "cp", "dp", "pp", "ep", "etp"):
+                index = layout.group_of(axis, rank).index(rank)
+                assert getattr(at, f"{axis}_rank") == index, (axis, rank, layout)
 
 
 def test_stages_and_experts_of_a_small_layout() -> None:
-    layout = RankLayout(world=16, tp=2, pp=2, cp=1, dp=4, ep=4, etp=1)
+    layout = ParallelConfig(tp=2, pp=2, cp=1, ep=4, etp=1).resolve(16)
     assert layout.stage_layers(8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     # VPP: megatron's offset vp_stage * layers/vpp + pp_rank * layers/(pp*vpp)
-    vpp = RankLayout(world=16, tp=2, pp=2, cp=1, dp=4, ep=4, etp=1, vpp=2)
+    vpp = ParallelConfig(tp=2, pp=2, cp=1, ep=4, etp=1, vpp=2).resolve(16)
     assert vpp.stage_layers(8) == [[0, 1, 4, 5], [2, 3, 6, 7]]
     assert layout.expert_ranges(16) == [range(0, 4), range(4, 8), range(8, 12), range(12, 16)]
     assert layout.edp == 2
@@ -114,6 +118,9 @@ def test_stages_and_experts_of_a_small_layout() -> None:
     assert layout.group_of("ep", 0) == [0, 1, 2, 3]
     assert layout.group_of("edp", 0) == [0, 4]
     assert layout.group_of("pp", 0) == [0, 8]
+    at = layout.coordinates(13)  # 13 = tp 1 + 2 * dp 2 + 8 * pp 1 = ep 1 + 4 * edp 1 + 8 * pp 1
+    assert (at.tp_rank, at.dp_rank, at.pp_rank, at.ep_rank, at.etp_rank) == (1, 2, 1, 1, 0)
+    assert at.is_last_stage and at.dp == 4 and at.sequence_parallel
 
 
 def test_memory_lines_on_one_gpu_are_the_whole_model() -> None:
@@ -140,7 +147,7 @@ def test_verdict_flips_when_the_30b_is_not_sharded() -> None:
 
 
 def test_layout_is_none_without_a_world_size() -> None:
-    assert rank_layout(load_config(RECIPE, ["parallel.world_size=null"])) is None
+    assert load_config(RECIPE, ["parallel.world_size=null"]).parallel.resolved() is None
 
 
 def test_gpu_memory_must_be_positive() -> None:
