@@ -96,8 +96,8 @@ def samples(count: int, length: int, vocab: int) -> list[Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from megarl.checkpointing import file_digest, verify_checkpoint, write_manifest
     from megarl.megatron.step import train_step
+    from megarl.run_checkpoints import file_digest, verify_checkpoint, write_manifest
 
     hf_config = SMOKE_MODEL if args.smoke else MODEL
     config, policy = build_policy(hf_config)

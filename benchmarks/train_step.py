@@ -28,7 +28,7 @@ megarl's logits recomputation in backward are not counted)::
 
     F = sum over micro-batches [ 6 * N_active * T  +  6 * L * n_heads * d_head * sum_i s_i^2 ]
 
-``N_active`` = parameters a token's forward multiplies by (`megarl.planning.count_params(hf)
+``N_active`` = parameters a token's forward multiplies by (`megarl.memory_model.count_params(hf)
 .active_compute`: attention, router, the 8 routed experts, the LM head; the input embedding is
 a lookup), ``T`` tokens in the row, ``s_i`` the packed sequences' lengths. The first term is
 2 FLOPs per multiply-add, times 3 for forward + backward; the second is causal attention
@@ -80,7 +80,7 @@ from _common import GIB, Marks, summary  # noqa: E402
 
 GOAL_RATIO = 1.05
 SAFETY = 0.90  # of the GPU's memory the estimate may fill
-RESERVE_BYTES = 3 * (1 << 30)  # CUDA context, allocator slack (megarl.planning's reserve)
+RESERVE_BYTES = 3 * (1 << 30)  # CUDA context, allocator slack (megarl.memory_model's reserve)
 STATE_BYTES_PER_PARAM = 18  # bf16 weight + fp32 grad + fp32 master + Adam m, v
 ADAM_TEMP_BYTES_PER_PARAM = 4  # torch foreach AdamW: sqrt(v) temporary in the step
 
@@ -114,7 +114,7 @@ def smoke_config(layers: int = 2) -> dict[str, Any]:
 
 def estimate_memory(hf: dict[str, Any], seq_len: int, recompute: str) -> dict[str, float]:
     """Bytes of a train step's peaks (the arithmetic of the module docstring)."""
-    from megarl.planning import count_params
+    from megarl.memory_model import count_params
 
     counts = count_params(hf)
     params = counts.total
@@ -218,7 +218,7 @@ def with_old_logprobs(samples: list[Any], micro_batches: list[Any], rows: list[A
 def model_flops(hf: dict[str, Any], micro_batches: list[Any]) -> dict[str, float]:
     """Model FLOPs of one step (module docstring) and the attention work of the local
     implementation (full T x T per row)."""
-    from megarl.planning import count_params
+    from megarl.memory_model import count_params
 
     n_active = count_params(hf).active_compute
     layers, heads, d = (int(hf[k]) for k in ("num_hidden_layers", "num_attention_heads",

@@ -19,7 +19,7 @@ Rates are GB/s (1e9) of weight bytes delivered (a copy reads and writes each byt
 the memory traffic is twice that). Goal: sync >= 60 % of the flat copy's rate.
 
 Projection for Qwen3-30B-A3B under examples/configs/up_gspo_30b.yaml (TP2 EP8, vLLM TP4) on 8
-H100s (a 32-GPU run shards the same way per GPU): `megarl.planning` counts the bytes each GPU
+H100s (a 32-GPU run shards the same way per GPU): `megarl.memory_model` counts the bytes each GPU
 handles in a sync, and time = bytes / measured sync rate. megarl's export gathers and
 broadcasts every full tensor to every rank, so each GPU streams the whole model (30.5 B params,
 61 GB in bf16) through its engine's loader; the projections for the Megatron shard a GPU holds
@@ -106,7 +106,7 @@ def projection(rate_gbps: float, copy_gbps: float) -> dict[str, Any]:
     import dataclasses
 
     from megarl.config import load_config
-    from megarl.planning import count_params, estimate_memory
+    from megarl.memory_model import count_params, estimate_memory
 
     config = load_config(RECIPE)
     counts = count_params(config.model.known_config())

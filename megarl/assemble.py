@@ -263,7 +263,7 @@ def _check_resume(resume: str) -> None:
               "'never'"
     if not path.is_dir():
         raise ConfigError("checkpoint.resume", resume, f"no such directory: {allowed}")
-    from megarl.checkpointing import COMPLETE
+    from megarl.run_checkpoints import COMPLETE
 
     if not (path / COMPLETE).is_file():
         raise ConfigError("checkpoint.resume", resume, f"not a complete megarl checkpoint "

@@ -91,7 +91,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     if args.command == "plan":
-        from megarl.plan import print_plan
+        from megarl.plan_report import print_plan
 
         if not args.skip_path_checks:
             try:

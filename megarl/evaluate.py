@@ -105,9 +105,9 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path | None) -> list[P
     prepare_engine_platform(config)
     import torch.distributed as dist
 
-    from megarl.checkpointing import latest_checkpoint, load_checkpoint
     from megarl.megatron.policy import Policy
     from megarl.rollout.sync import sync_weights
+    from megarl.run_checkpoints import latest_checkpoint, load_checkpoint
 
     megarl_step = None
     if checkpoint is not None:

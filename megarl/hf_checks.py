@@ -3,7 +3,7 @@
 ``model.hf_config`` is free-form YAML: the whole ``config.json`` of a model built from scratch,
 or keys that update a checkpoint's. `check_hf_config` checks the merged config (checkpoint
 ``config.json`` updated by the inline keys) for every field megarl reads — in
-``convert/mapping.py``, ``megatron/model.py``, ``planning.py`` and the rollout engines — its
+``convert/mapping.py``, ``megatron/model.py``, ``memory_model.py`` and the rollout engines — its
 type, its range and how it divides the others, and refuses an inline key that none of the
 supported architectures' transformers config classes knows (``num_expert`` is a typo of
 ``num_experts``, not a new field), with the closest known key.

@@ -4,7 +4,7 @@ prompts -> rollout -> rewards -> advantages -> old log-probs (Megatron forward, 
 -> epochs x mini-batches of policy-loss updates -> weight sync -> eval -> metrics -> checkpoint.
 
 Everything else lives where the folder names say: the parts in `megarl.assemble`, Megatron in
-`megarl.megatron.policy`, the engine in `megarl.rollout`, checkpoints in `megarl.checkpointing`.
+`megarl.megatron.policy`, the engine in `megarl.rollout`, checkpoints in `megarl.run_checkpoints`.
 Every random choice of a step is seeded by ``(trainer.seed, step)``, so a resumed run repeats
 an uninterrupted one exactly.
 """
@@ -30,13 +30,6 @@ from megarl.assemble import (
     model_source,
     prepare_engine_platform,
 )
-from megarl.checkpointing import (
-    check_checkpoint,
-    latest_checkpoint,
-    load_checkpoint,
-    resume_point,
-    save_checkpoint,
-)
 from megarl.config import Config
 from megarl.data.rewards import overlong_penalty
 from megarl.data.toy import is_toy
@@ -51,6 +44,13 @@ from megarl.rollout.groups import generate_across_groups
 from megarl.rollout.mismatch import logprob_mismatch
 from megarl.rollout.sync import sync_weights
 from megarl.routes import align_routes
+from megarl.run_checkpoints import (
+    check_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    resume_point,
+    save_checkpoint,
+)
 
 if TYPE_CHECKING:
     from megarl.megatron.policy import Policy

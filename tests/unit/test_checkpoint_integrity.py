@@ -24,14 +24,14 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from megarl.checkpointing import (
+from megarl.errors import UserError
+from megarl.run_checkpoints import (
     COMPLETE,
     load_checkpoint,
     resume_point,
     save_checkpoint,
     verify_checkpoint,
 )
-from megarl.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = "examples/configs/quickstart.yaml"

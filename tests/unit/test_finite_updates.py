@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from megarl.checkpointing import verify_checkpoint
 from megarl.megatron.update_guard import UpdateGuard
 from megarl.metrics import combine_updates
 from megarl.rollout.engine import NonFiniteRollout, Rollout, SamplingParams, check_rollouts
 from megarl.rollout.hf import _sample
+from megarl.run_checkpoints import verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = "examples/configs/quickstart.yaml"

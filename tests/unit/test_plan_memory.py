@@ -1,4 +1,4 @@
-"""`megarl.planning`: parameter counts, rank layout and per-GPU memory behind `megarl plan`."""
+"""`megarl.memory_model` (parameter counts, per-GPU memory) and the ranks of a layout."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from megarl.config import ParallelConfig, load_config
 from megarl.errors import ConfigError
-from megarl.planning import (
+from megarl.memory_model import (
     GIB,
     count_params,
     estimate_memory,
@@ -157,7 +157,7 @@ def test_gpu_memory_must_be_positive() -> None:
 
 def test_logprob_chunk_matches_the_train_step() -> None:
     from megarl.megatron.step import ForwardOptions
-    from megarl.planning import LOGPROB_CHUNK_TOKENS
+    from megarl.memory_model import LOGPROB_CHUNK_TOKENS
 
     assert ForwardOptions().chunk_size == LOGPROB_CHUNK_TOKENS
 

@@ -11,8 +11,8 @@ import pytest
 from megarl.config import Config, load_config
 from megarl.data.formats import find_format
 from megarl.losses import POLICY_LOSSES
-from megarl.plan import plan_sections
-from megarl.planning import count_params, estimate_memory
+from megarl.memory_model import count_params, estimate_memory
+from megarl.plan_report import plan_sections
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "examples" / "configs").glob("*.yaml"))

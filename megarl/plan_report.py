@@ -10,7 +10,7 @@ from rich.table import Table
 
 from megarl.config import Config
 from megarl.convert.mapping import SUPPORTED, Architecture
-from megarl.planning import count_params, estimate_memory
+from megarl.memory_model import count_params, estimate_memory
 
 Section = tuple[str, list[tuple[str, str]]]
 
