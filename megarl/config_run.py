@@ -37,12 +37,18 @@ class TrainerConfig:
     # updates in a row that may be skipped (non-finite gradients) or undone (a non-finite
     # policy after the update) before the run stops (megarl/megatron/update_guard.py)
     max_bad_updates: int = 3
+    # after a stop signal (USR1, TERM), seconds a rank may take to end its step and checkpoint
+    # before it exits without one (null: no limit; the cluster's KillWait or GraceTime decides)
+    stop_grace_s: float | None = None
 
     def check(self) -> None:
         for name in ("steps", "prompts_per_step", "mini_batch_size", "micro_batch_size"):
             positive(f"trainer.{name}", getattr(self, name))
         positive("trainer.epochs", self.epochs)
         positive("trainer.max_bad_updates", self.max_bad_updates)
+        if self.stop_grace_s is not None and not self.stop_grace_s > 0:
+            raise ConfigError("trainer.stop_grace_s", self.stop_grace_s,
+                              "must be > 0 (or null: no limit)")
         if not self.lr > 0:
             raise ConfigError("trainer.lr", self.lr, "must be > 0")
         if not 0 <= self.min_lr <= self.lr:

@@ -51,6 +51,7 @@ from megarl.run_checkpoints import (
     resume_point,
     save_checkpoint,
 )
+from megarl.stop_signals import StopRequests, report_stop
 
 if TYPE_CHECKING:
     from megarl.megatron.policy import Policy
@@ -128,6 +129,9 @@ class Trainer:
         objective = self.config.objective()  # resolved once: the loss, its terms, validated
         history = []
         t = self.config.trainer
+        start_step = self.step
+        stops = StopRequests(t.stop_grace_s)
+        stops.install()  # USR1 / TERM: finish this step, checkpoint, stop (docs/slurm.md)
         try:
             while self.step < t.steps:
                 metrics = self.train_step(objective)
@@ -137,15 +141,34 @@ class Trainer:
                 history.append(metrics)
                 log_to_sinks(self.sinks, self.step, metrics)
                 every = self.config.checkpoint.save_every
-                if (every and self.step % every == 0) or self.step == t.steps:
+                saved = (every and self.step % every == 0) or self.step == t.steps
+                if saved:
                     self.save()
+                if self.step < t.steps and stops.agreed():
+                    if not saved:
+                        self.save()
+                    stops.stopped()
+                    self._report_stop(start_step, stops.signal or "a stop request")
+                    return history
             if self.config.checkpoint.save_hf:
                 self.save_hf()
+            self._report_stop(start_step, "finished")
         finally:
+            stops.uninstall()
             for sink in self.sinks:
                 sink.close()
             self.rewards.close()
         return history
+
+    def _report_stop(self, start_step: int, reason: str) -> None:
+        """Say where the run stopped (rank 0; the Slurm launcher reads ``$MEGARL_STOP_STATUS``)."""
+        if self.rank != 0:
+            return
+        newest = latest_checkpoint(self.ckpt_dir)
+        report_stop(start_step, self.step, newest, reason)
+        if reason != "finished":
+            print(f"{reason}: stopped after step {self.step} with checkpoint {newest}; "
+                  "checkpoint.resume=auto continues from it", flush=True)
 
     def train_step(self, objective: Objective) -> dict[str, float]:
         cfg, timings = self.config, {}

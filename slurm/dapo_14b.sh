@@ -10,10 +10,13 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --exclusive
 #SBATCH --time=04:00:00
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --output=%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@600
+# first thing: a signal during set-up is remembered, not fatal (slurm/lib/launch.sh acts on it)
+trap 'MEGARL_SIGNALLED=USR1' USR1
+trap 'MEGARL_SIGNALLED=TERM' TERM
 set -euo pipefail
 
 # sbatch runs a copy of this script from its spool folder: find the library through the checkout

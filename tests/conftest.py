@@ -46,6 +46,8 @@ SLOW = (
     "tests/unit/test_experts_benchmark.py::test_benchmark_smoke_checks_and_records",
     "tests/unit/test_nemo_run.py::test_slurm_dry_run_starts_one_torchrun_per_node",
     "tests/unit/test_nemo_run.py::test_local_dry_run_of_the_quickstart",
+    "tests/unit/test_stop_signals.py::test_a_stop_signal_checkpoints",
+    "tests/unit/test_stop_signals.py::test_a_step_longer_than_the_grace",
 )
 
 
