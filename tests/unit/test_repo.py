@@ -64,6 +64,22 @@ def test_ci_builds_the_vllm_environment_and_runs_its_tests() -> None:
     assert ".venv-vllm" in (ROOT / ".gitignore").read_text().split()
 
 
+def test_ci_starts_the_slurm_cluster_before_the_tests_and_stops_it() -> None:
+    """README's Slurm block: CI starts the cluster before the main tests, so tests/slurm/ never
+    skips there, and stops it whatever happens."""
+    start, tests, stop = (c.split("#")[0].strip()
+                          for c in readme_commands("### A real Slurm cluster on this machine"))
+    assert start == "bash scripts/slurm-cluster.sh start"
+    assert tests == ".venv/bin/python -m pytest -q tests/slurm"
+    assert stop == "bash scripts/slurm-cluster.sh stop"
+    lines = [ln.split("#")[0].strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
+    lines = [ln for ln in lines if ln]
+    _, _, all_tests = quick_start_commands()
+    assert lines.index(start) < lines.index(all_tests)
+    assert f"trap '{stop}' EXIT" in lines
+    assert os.access(ROOT / "scripts" / "slurm-cluster.sh", os.X_OK)
+
+
 def test_setup_scripts_pass_shellcheck() -> None:
     import shutil
     import subprocess
