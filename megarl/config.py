@@ -35,6 +35,7 @@ from megarl.errors import ConfigError, UserError
 from megarl.hf_checks import check_hf_config
 from megarl.layout import ModelFacts, ParallelConfig
 from megarl.losses.objective import Objective
+from megarl.losses.rollout_correction import RolloutCorrection
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 # Routing replay: R3 replays the rollout engine's routes, R2 Megatron's own (recorded in the
@@ -178,6 +179,21 @@ class RolloutConfig:
 
 
 @dataclass
+class RolloutCorrectionConfig:
+    """Importance weights between the trainer's old policy and the engine's sampler
+    (`megarl.losses.rollout_correction`): ``mode`` off, token_tis, token_mis, token_mask,
+    seq_tis, seq_mask or geo_mask; ``lower`` / ``upper`` bound the ratio (null: the mode's
+    default, 0.5 and 2)."""
+
+    mode: str = "off"
+    lower: float | None = None
+    upper: float | None = None
+
+    def resolve(self) -> RolloutCorrection | None:
+        return RolloutCorrection.resolve(self.mode, self.lower, self.upper)
+
+
+@dataclass
 class AlgoConfig:
     """The RL objective: policy loss (``megarl.losses``), advantages, KL, filtering.
 
@@ -199,6 +215,7 @@ class AlgoConfig:
     # rollout.max_response_len cost up to `overlong_penalty` reward, linearly; 0 = off
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
     def check(self) -> None:
         from megarl.advantages import ADVANTAGE_ESTIMATORS
@@ -214,6 +231,10 @@ class AlgoConfig:
                               "must be >= 0 (0 = off)")
         if self.overlong_penalty < 0:
             raise ConfigError("algo.overlong_penalty", self.overlong_penalty, "must be >= 0")
+        if self.rollout_correction.mode != "off" and self.old_logprobs == "rollout":
+            raise ConfigError("algo.rollout_correction.mode", self.rollout_correction.mode,
+                              "compares recomputed old log-probs with the engine's: needs "
+                              "algo.old_logprobs=recompute")
 
     def objective(self, norm_length: float | None = None) -> Objective:
         """The objective these fields describe, looked up and validated (``agg=None``: the
@@ -221,7 +242,8 @@ class AlgoConfig:
         constant, the run's maximum response length (`Config.objective`)."""
         return Objective.resolve(self.loss, self.params, agg=self.agg, kl_beta=self.kl_beta,
                                  kl_type=self.kl_type, entropy_coef=self.entropy_coef,
-                                 norm_length=norm_length)
+                                 norm_length=norm_length,
+                                 rollout_correction=self.rollout_correction.resolve())
 
 
 @dataclass

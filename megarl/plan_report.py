@@ -157,10 +157,20 @@ def _objective(c: Config) -> list[tuple[str, str]]:
         ("advantage", a.advantage),
         ("KL penalty", kl),
         ("entropy bonus", f"{objective.entropy_coef:g}" if objective.entropy_coef else "off"),
+        ("rollout correction", _correction(objective)),
         ("dynamic sampling", _onoff(a.dynamic_sampling) + (
             f" (at most {a.max_sampling_rounds} rounds)" if a.dynamic_sampling else "")),
         ("old log-probs", a.old_logprobs),
     ]
+
+
+def _correction(objective) -> str:
+    rc = objective.rollout_correction
+    if rc is None:
+        return "off"
+    bounds = (f"ratio truncated at {rc.upper:g}" if rc.lower is None
+              else f"kept in [{rc.lower:g}, {rc.upper:g}]")
+    return f"{rc.mode}: {bounds} (engine vs recomputed old log-probs)"
 
 
 def _batches(c: Config) -> list[tuple[str, str]]:

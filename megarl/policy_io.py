@@ -21,12 +21,13 @@ class TrainSample:
     old_logprobs: Tensor | None = None  # [L] float
     ref_logprobs: Tensor | None = None  # [L] float
     routed_experts: Tensor | None = None  # [L, moe_layers, topk] int: rollout routes (R3)
+    rollout_logprobs: Tensor | None = None  # [L] float: the engine's (rollout correction)
 
     def check(self, index: int) -> None:
         n = self.tokens.shape[0] if self.tokens.dim() == 1 else -1
         if n < 2:
             raise ValueError(f"samples[{index}].tokens must be 1-d with >= 2 tokens")
-        for name in ("loss_mask", "old_logprobs", "ref_logprobs"):
+        for name in ("loss_mask", "old_logprobs", "ref_logprobs", "rollout_logprobs"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != (n,):
                 raise ValueError(

@@ -317,6 +317,7 @@ class Trainer:
 
     def samples_of(self, batch: StepBatch) -> tuple[list[TrainSample], dict[str, float]]:
         cfg = self.config
+        correct = cfg.algo.rollout_correction.mode != "off"  # keep the engine's log-probs
         rewards = torch.tensor(batch.rewards, dtype=torch.float32)
         advantages = compute_advantages(cfg.algo.advantage, rewards,
                                         group_size=cfg.rollout.n_samples)
@@ -332,7 +333,8 @@ class Trainer:
             if self.policy.replay_mode == "r3" and r.routed_experts is not None:
                 routes = align_routes(r.routed_experts, n, self.policy.topk)
             samples.append(TrainSample(tokens=tokens, loss_mask=mask, advantages=a.clone(),
-                                       old_logprobs=old, routed_experts=routes))
+                                       old_logprobs=old, routed_experts=routes,
+                                       rollout_logprobs=old.clone() if correct else None))
         return samples, {"advantage/abs_mean": float(advantages.abs().mean())}
 
     def _mismatch(self, rollouts: list[Rollout], samples: list[TrainSample]) -> dict[str, float]:

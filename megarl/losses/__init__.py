@@ -44,6 +44,7 @@ from megarl.losses.registry import (
     register_policy_loss,
     validate_loss_params,
 )
+from megarl.losses.rollout_correction import RolloutCorrection
 
 __all__ = [
     "AGG_MODES",
@@ -51,6 +52,7 @@ __all__ = [
     "POLICY_LOSSES",
     "Hyper",
     "Objective",
+    "RolloutCorrection",
     "PolicyLossSpec",
     "aggregate_loss",
     "compute_policy_loss",

@@ -11,6 +11,7 @@ from typing import Any
 from torch import Tensor
 
 from megarl.losses.objective import ARGUMENT_FIELDS, Objective
+from megarl.losses.rollout_correction import RolloutCorrection
 
 
 def compute_policy_loss(
@@ -28,6 +29,8 @@ def compute_policy_loss(
     kl_type: str = "k3",
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
+    rollout_log_prob: Tensor | None = None,
+    rollout_correction: RolloutCorrection | None = None,
     seq_lengths: Tensor | None = None,
     norm_length: float | None = None,
     process_group: Any = None,
@@ -43,8 +46,9 @@ def compute_policy_loss(
     """
     objective = Objective.resolve(name, hyperparams, agg=agg, kl_beta=beta, kl_type=kl_type,
                                   entropy_coef=entropy_coef, norm_length=norm_length,
-                                  fields=ARGUMENT_FIELDS)
+                                  rollout_correction=rollout_correction, fields=ARGUMENT_FIELDS)
     return objective(log_prob, old_log_prob, advantages, response_mask, num_tokens,
                      num_sequences, ref_log_prob=ref_log_prob, entropy=entropy,
+                     rollout_log_prob=rollout_log_prob,
                      seq_lengths=seq_lengths, process_group=process_group,
                      compute_metrics=compute_metrics)

@@ -3,6 +3,8 @@ entropy bonus in one object.
 
     L = L_policy  +  kl_beta * L_KL(pi || pi_ref)  -  entropy_coef * H(pi)
 
+with a rollout correction (`megarl.losses.rollout_correction`) weighting each token's policy
+term by a detached importance weight between the trainer's old policy and the engine's, and
 every term aggregated the same way (``agg``, with the same global normalisers). `Objective.resolve`
 looks the loss up and validates every parameter once, at config time; calling the resolved
 object on a micro-batch does no lookup and no validation. ``compute_policy_loss`` (the
@@ -24,6 +26,7 @@ from megarl.losses.batch import LossBatch, masked_mean
 from megarl.losses.kl import KL_TYPES, kl_penalty
 from megarl.losses.metrics import loss_metrics
 from megarl.losses.registry import AGG_MODES, PolicyLossSpec, get_policy_loss, validate_loss_params
+from megarl.losses.rollout_correction import RolloutCorrection
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class Objective:
     kl_type: str = "k3"
     entropy_coef: float = 0.0
     norm_length: float | None = None  # Dr. GRPO's constant (the max response length)
+    rollout_correction: RolloutCorrection | None = None
 
     @property
     def name(self) -> str:
@@ -75,6 +79,7 @@ class Objective:
         kl_type: str = "k3",
         entropy_coef: float = 0.0,
         norm_length: float | None = None,
+        rollout_correction: RolloutCorrection | None = None,
         fields: ObjectiveFields = CONFIG_FIELDS,
     ) -> Objective:
         """Look `loss` up and validate everything; ``agg=None`` is the loss's own default.
@@ -92,7 +97,8 @@ class Objective:
             raise ConfigError("norm_length", norm_length, "must be > 0")
         return cls(spec, spec.default_agg if agg is None else agg, resolved,
                    _non_negative(fields.kl_beta, kl_beta), kl_type,
-                   _non_negative(fields.entropy_coef, entropy_coef), norm_length)
+                   _non_negative(fields.entropy_coef, entropy_coef), norm_length,
+                   rollout_correction)
 
     def __call__(
         self,
@@ -105,6 +111,7 @@ class Objective:
         *,
         ref_log_prob: Tensor | None = None,
         entropy: Tensor | None = None,
+        rollout_log_prob: Tensor | None = None,
         seq_lengths: Tensor | None = None,
         process_group: Any = None,
         compute_metrics: bool = True,
@@ -115,7 +122,8 @@ class Objective:
         `num_sequences` are the GLOBAL normalisers of the mini-batch (default: this batch's
         own counts), so the shares of a split batch sum to the whole batch's loss. `entropy`
         (per token) is reported, and with ``entropy_coef > 0`` its gradient flows into the
-        bonus. `seq_lengths` are global tokens per sequence; `process_group` is the
+        bonus. `rollout_log_prob` (the engine's log-probs) feeds the rollout correction.
+        `seq_lengths` are global tokens per sequence; `process_group` is the
         data-parallel group of losses with batch statistics (BAPO's bound search).
         """
         if self.kl_beta and ref_log_prob is None:
@@ -127,6 +135,14 @@ class Objective:
                                   process_group)
         terms = self.spec.fn(batch, **self.params)
         policy_mat = torch.where(batch.mask, terms.loss_mat, torch.zeros_like(terms.loss_mat))
+        correction_metrics: dict[str, Tensor] = {}
+        if self.rollout_correction is not None:
+            if rollout_log_prob is None:
+                raise ConfigError("rollout_log_prob", None,
+                                  "a rollout correction needs the engine's log-probs")
+            weight, correction_metrics = self.rollout_correction.weights(
+                batch.old_log_prob, rollout_log_prob, batch.mask, batch.lengths)
+            policy_mat = policy_mat * weight.to(policy_mat.dtype)
 
         def reduce(mat: Tensor) -> Tensor:
             return aggregate_loss(mat, batch.mask, self.agg, num_tokens=num_tokens,
@@ -163,4 +179,5 @@ class Objective:
         metrics.update(loss_metrics(batch, terms.ratio, terms.bounds, grad, terms.sequence_ratio,
                                     None if entropy is None else entropy.detach()))
         metrics.update({k: torch.as_tensor(v).detach() for k, v in terms.metrics.items()})
+        metrics.update(correction_metrics)
         return loss, metrics

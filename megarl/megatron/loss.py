@@ -42,7 +42,7 @@ from megatron.core.distributed import finalize_model_grads
 from torch import Tensor
 
 from megarl.losses.objective import Objective
-from megarl.megatron.packing import PackedMicroBatch, cp_partition_index
+from megarl.megatron.packing import ROLLOUT_LOGPROBS, PackedMicroBatch, cp_partition_index
 from megarl.metrics import comm_device
 
 
@@ -130,5 +130,7 @@ def policy_loss_share(
         counts.num_sequences,
         ref_log_prob=mb.unpack(mb.ref_logprobs) if mb.ref_logprobs is not None else None,
         entropy=mb.unpack(entropy_row) if entropy_row is not None else None,
+        rollout_log_prob=(mb.unpack(mb.extras[ROLLOUT_LOGPROBS])
+                          if ROLLOUT_LOGPROBS in mb.extras else None),
         process_group=dp_group,
     )

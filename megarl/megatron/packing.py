@@ -30,6 +30,7 @@ from torch import Tensor
 from megarl.policy_io import TrainSample
 
 ROUTES = "routed_experts"  # PackedMicroBatch.extras key of the packed routes [T, layers, topk]
+ROLLOUT_LOGPROBS = "rollout_logprobs"  # extras key: the engine's log-probs [T], label-aligned
 
 
 @dataclass
@@ -110,7 +111,8 @@ def pack_samples(
     starts, lengths, bounds = [], [], [0]
     has_ref = samples[0].ref_logprobs is not None
     has_routes = samples[0].routed_experts is not None
-    routes = []
+    has_rollout = samples[0].rollout_logprobs is not None
+    routes, rollout = [], []
     for i, s in enumerate(samples):
         s.check(i)
         if (s.ref_logprobs is not None) != has_ref:
@@ -131,6 +133,11 @@ def pack_samples(
         if has_ref:
             refs.append(torch.nn.functional.pad(_label_aligned(s.ref_logprobs.float(), 0.0),
                                                 (0, pad)))
+        if (s.rollout_logprobs is not None) != has_rollout:
+            raise ValueError(f"samples[{i}].rollout_logprobs: give it for every sample or none")
+        if has_rollout:
+            rollout.append(torch.nn.functional.pad(
+                _label_aligned(s.rollout_logprobs.float(), 0.0), (0, pad)))
         if (s.routed_experts is not None) != has_routes:
             raise ValueError(f"samples[{i}].routed_experts: give it for every sample or none")
         if has_routes:  # token-aligned like input_ids; padding rows route to 0..k-1
@@ -148,7 +155,8 @@ def pack_samples(
         cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
         sample_starts=starts,
         sample_lengths=lengths,
-        extras={ROUTES: torch.cat(routes)} if has_routes else {},
+        extras=({ROUTES: torch.cat(routes)} if has_routes else {})
+        | ({ROLLOUT_LOGPROBS: torch.cat(rollout)} if has_rollout else {}),
     )
     return pad_row(packed, _round_up(bounds[-1], row_multiple))
 
@@ -217,6 +225,8 @@ def pad_row(mb: PackedMicroBatch, length: int) -> PackedMicroBatch:
     extras = dict(mb.extras)
     if ROUTES in extras:
         extras[ROUTES] = torch.cat([extras[ROUTES], _route_padding(extras[ROUTES], tail)])
+    if ROLLOUT_LOGPROBS in extras:
+        extras[ROLLOUT_LOGPROBS] = ext(extras[ROLLOUT_LOGPROBS])
     return PackedMicroBatch(
         input_ids=ext(mb.input_ids), labels=ext(mb.labels), loss_mask=ext(mb.loss_mask, False),
         advantages=ext(mb.advantages), old_logprobs=ext(mb.old_logprobs),

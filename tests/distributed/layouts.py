@@ -40,7 +40,7 @@ if os.environ.get("MEGARL_DUMP_AFTER"):  # a hang prints every thread's stack af
 
 
 from megarl.config import ModelFacts, ParallelConfig, TrainerConfig  # noqa: E402
-from megarl.losses import Objective  # noqa: E402
+from megarl.losses import Objective, RolloutCorrection  # noqa: E402
 from megarl.megatron.loss import (  # noqa: E402
     GlobalCounts,
     gather_from_context_parallel,
@@ -81,7 +81,10 @@ def objective(name: str, agg: str, **extra) -> Objective:
 
 
 LOSSES: dict[str, Objective] = {
-    "dapo-token-mean": objective("dapo", "token-mean"),
+    # with token TIS against a mismatched engine: the correction is split-invariant too
+    "dapo-token-mean": objective("dapo", "token-mean",
+                                 rollout_correction=RolloutCorrection.resolve("token_tis",
+                                                                              upper=1.2)),
     "grpo-seq-mean": objective("grpo", "seq-mean-token-mean", kl_beta=0.05),
     "gspo": objective("gspo", "seq-mean-token-mean"),
     "up_gspo": objective("up_gspo", "seq-mean-token-mean", entropy_coef=0.01),
@@ -169,7 +172,9 @@ def with_old_logprobs(samples, rows, micro_batches, seed: int = 1):
             lp[1:] = row[start:start + length - 1]  # label-aligned -> token-aligned
             noise = 0.3 * torch.randn(length, generator=g)
             ref = lp + 0.1 * torch.randn(length, generator=g)
-            out.append(TrainSample(s.tokens, s.loss_mask, s.advantages, lp + noise, ref))
+            engine = lp + noise + 0.3 * torch.randn(length, generator=g)  # a mismatched engine
+            out.append(TrainSample(s.tokens, s.loss_mask, s.advantages, lp + noise, ref,
+                                   rollout_logprobs=engine))
             k += 1
     return out
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from megarl.megatron.packing import (
+    ROLLOUT_LOGPROBS,
     TrainSample,
     block_causal_mask,
     cp_partition_index,
@@ -39,6 +40,23 @@ def test_pack_is_label_aligned_per_sample() -> None:
     assert mb.old_logprobs[:4].tolist() == a.old_logprobs[1:].tolist()
     assert mb.advantages[5:8].tolist() == [-2.0] * 3
     assert mb.num_tokens == 3 + 3 and mb.num_sequences == 2
+
+
+def test_engine_log_probs_travel_label_aligned_and_padded() -> None:
+    import dataclasses
+
+    a, b = sample(5, seed=1), sample(3, prompt=1, seed=2)
+    a = dataclasses.replace(a, rollout_logprobs=a.old_logprobs - 0.5)
+    b = dataclasses.replace(b, rollout_logprobs=b.old_logprobs - 0.25)
+    mb = pack_samples([a, b], seq_multiple=4, row_multiple=16)
+    row = mb.extras[ROLLOUT_LOGPROBS]
+    assert row.shape == (16,) and mb.row_length == 16
+    assert row[:4].tolist() == a.rollout_logprobs[1:].tolist()
+    assert row[8:10].tolist() == b.rollout_logprobs[1:].tolist()
+    assert row[12:].abs().sum() == 0  # the tail segment
+    assert torch.equal(mb.to("cpu").extras[ROLLOUT_LOGPROBS], row)
+    with pytest.raises(ValueError, match="rollout_logprobs: give it for every sample or none"):
+        pack_samples([a, sample(4)])
 
 
 def test_padding_per_sample_and_row_never_trains() -> None:
