@@ -48,6 +48,7 @@ SLOW = (
     "tests/unit/test_nemo_run.py::test_local_dry_run_of_the_quickstart",
     "tests/unit/test_stop_signals.py::test_a_stop_signal_checkpoints",
     "tests/unit/test_stop_signals.py::test_a_step_longer_than_the_grace",
+    "tests/unit/test_rollout_correction.py::test_a_run_with_a_mismatched_engine",
 )
 
 
