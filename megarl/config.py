@@ -14,7 +14,8 @@ message names the field, the value and what is allowed.
 
 Conventions: a *sequence* is one sampled response (``prompts_per_step * rollout.n_samples``
 sequences per step); ``trainer.mini_batch_size`` and ``trainer.micro_batch_size`` count
-sequences (the mini-batch globally, the micro-batch per data-parallel rank).
+sequences (the mini-batch globally, the micro-batch per data-parallel rank), unless
+``trainer.max_tokens_per_micro_batch`` packs micro-batches by tokens instead.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any, Literal
 
 import yaml
 
+from megarl.batching import round_up, row_multiples
 from megarl.config_fields import alts, one_line, positive, suggest
 from megarl.config_run import CheckpointConfig, EvalConfig, LoggingConfig, TrainerConfig
 from megarl.config_yaml import apply_override, build, parse_scalar, read_yaml
@@ -374,12 +376,39 @@ class Config:
         dp = self.parallel.data_parallel_size()
         if dp is None:
             return
+        if t.max_tokens_per_micro_batch is not None:
+            self._check_token_budget(dp)
+            return
         if t.mini_batch_size % (dp * t.micro_batch_size):
             raise ConfigError(
                 "trainer.mini_batch_size",
                 t.mini_batch_size,
                 f"must be a multiple of dp*micro_batch_size = {dp}*{t.micro_batch_size}",
             )
+
+    def _check_token_budget(self, dp: int) -> None:
+        t, p = self.trainer, self.parallel
+        if t.mini_batch_size < dp:
+            raise ConfigError("trainer.mini_batch_size", t.mini_batch_size,
+                              f"must be >= dp = {dp} (one sequence at least per DP rank)")
+        _, multiple = row_multiples(p.tp, p.cp, p.use_sequence_parallel)
+        if t.max_tokens_per_micro_batch * p.cp < multiple:
+            raise ConfigError("trainer.max_tokens_per_micro_batch", t.max_tokens_per_micro_batch,
+                              f"must be >= {multiple // p.cp} (a packed row is a multiple of "
+                              f"{multiple} tokens with tp={p.tp}, cp={p.cp})")
+
+    @property
+    def micro_batch_row_tokens(self) -> int | None:
+        """Tokens of the longest packed row under the token budget (None: counted batches):
+        the budget on each of the cp GPUs that share a row, or one sequence at full length
+        when that is longer (it travels alone)."""
+        budget = self.trainer.max_tokens_per_micro_batch
+        if budget is None:
+            return None
+        p, r = self.parallel, self.rollout
+        seq_multiple, multiple = row_multiples(p.tp, p.cp, p.use_sequence_parallel)
+        longest = round_up(round_up(r.max_prompt_len + r.max_response_len, seq_multiple), multiple)
+        return max(budget * p.cp // multiple * multiple, longest)
 
     # Derived shapes, for the plan and the trainer.
     @property

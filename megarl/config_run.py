@@ -23,6 +23,10 @@ class TrainerConfig:
     prompts_per_step: int = 32
     mini_batch_size: int = 256
     micro_batch_size: int = 1
+    # tokens per GPU in a micro-batch: when set, micro-batches are packed by tokens, not counted
+    # in sequences (micro_batch_size is then unused), and a mini-batch's sequences are spread
+    # over the DP ranks by token count (megarl/batching.py); null: micro_batch_size sequences
+    max_tokens_per_micro_batch: int | None = None
     epochs: int = 1
     lr: float = 1e-6
     lr_warmup_steps: int = 0
@@ -44,6 +48,8 @@ class TrainerConfig:
     def check(self) -> None:
         for name in ("steps", "prompts_per_step", "mini_batch_size", "micro_batch_size"):
             positive(f"trainer.{name}", getattr(self, name))
+        if self.max_tokens_per_micro_batch is not None:
+            positive("trainer.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch)
         positive("trainer.epochs", self.epochs)
         positive("trainer.max_bad_updates", self.max_bad_updates)
         if self.stop_grace_s is not None and not self.stop_grace_s > 0:

@@ -210,10 +210,16 @@ def estimate_memory(config: Config, layout: ParallelConfig | None = None) -> Mem
     r, t = config.rollout, config.trainer
     h, vocab = arch.hidden, arch.vocab
     seq = r.max_prompt_len + r.max_response_len
-    tokens = t.micro_batch_size * seq  # a micro-batch at full length (packed or padded)
     sp = config.parallel.use_sequence_parallel
     tp, cp = layout.tp, layout.cp
-    num_micro = max(1, t.mini_batch_size // (layout.dp * t.micro_batch_size))
+    row = config.micro_batch_row_tokens  # the token budget's longest row (None: counted)
+    if row is None:
+        tokens = t.micro_batch_size * seq  # a micro-batch at full length (packed or padded)
+        num_micro = max(1, t.mini_batch_size // (layout.dp * t.micro_batch_size))
+    else:  # every sequence at full length: the most rows the budget packs a rank's share into
+        tokens = row
+        per_rank = -(-t.mini_batch_size // layout.dp)
+        num_micro = per_rank if seq >= row else -(-per_rank // (row // seq))
 
     best: MemoryEstimate | None = None
     for stage, layers in enumerate(layout.stage_layers(arch.num_layers)):

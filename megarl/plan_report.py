@@ -185,7 +185,9 @@ def _batches(c: Config) -> list[tuple[str, str]]:
         ("epochs", str(t.epochs)),
         ("optimizer updates / step", str(c.updates_per_step)),
     ]
-    if dp is not None:
+    if t.max_tokens_per_micro_batch is not None:
+        rows.append(("micro-batch (per GPU)", _token_budget(c)))
+    elif dp is not None:
         per_rank = t.mini_batch_size // dp
         rows.append(("micro-batch (per DP rank)",
                      f"{t.micro_batch_size} -> {per_rank // t.micro_batch_size} per mini-batch"))
@@ -194,6 +196,20 @@ def _batches(c: Config) -> list[tuple[str, str]]:
     rows.append(("lr", f"{t.lr:g} ({t.lr_schedule}, warmup {t.lr_warmup_steps})"))
     rows.append(("seed", str(t.seed)))
     return rows
+
+
+def _token_budget(c: Config) -> str:
+    """The token budget, the row it allows, and what happens to a longer sequence."""
+    t, p, r = c.trainer, c.parallel, c.rollout
+    budget = t.max_tokens_per_micro_batch
+    row = c.micro_batch_row_tokens
+    seq = r.max_prompt_len + r.max_response_len
+    text = f"<= {budget} tokens (packed, DP-balanced by tokens; micro_batch_size unused)"
+    if p.cp > 1:
+        text += f"; rows of <= {budget * p.cp} tokens over cp={p.cp}"
+    if row is not None and seq > budget * p.cp:
+        text += f"; a {seq}-token sequence travels alone (row {row})"
+    return text
 
 
 def _rollout(c: Config) -> list[tuple[str, str]]:

@@ -181,6 +181,11 @@ def transformer_config_from_hf(
         # packed micro-batches differ in length; megatron's interleaved (VPP) schedule deadlocks
         # exchanging variable shapes, so with VPP rows are padded to one length instead
         variable_seq_lengths=(parallel.vpp or 1) == 1,
+        # batched p2p posts the activation and the gradient to the same peer of a two-stage
+        # ring in an order that can pair them crosswise (same shape, no error): in the
+        # interleaved schedule's steady state (more micro-batches than pp) gradients came out
+        # wrong. Unbatched p2p orders even and odd ranks and uses a second communicator.
+        batch_p2p_comm=(parallel.vpp or 1) == 1,
         moe_token_dispatcher_type="alltoall",  # megatron rejects allgather with variable lengths
         bias_dropout_fusion=fused,
         masked_softmax_fusion=fused,

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
+from megarl.batching import PADDING_TOKENS, budget_groups, count_groups, round_up
 from megarl.policy_io import TrainSample
 
 ROUTES = "routed_experts"  # PackedMicroBatch.extras key of the packed routes [T, layers, topk]
@@ -97,10 +98,6 @@ def _label_aligned(values: Tensor, fill: float | bool) -> Tensor:
     return torch.cat([values[1:], values.new_full((1,), fill)])
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def pack_samples(
     samples: list[TrainSample], *, seq_multiple: int = 1, row_multiple: int = 1
 ) -> PackedMicroBatch:
@@ -118,7 +115,7 @@ def pack_samples(
         if (s.ref_logprobs is not None) != has_ref:
             raise ValueError(f"samples[{i}].ref_logprobs: give it for every sample or none")
         n = s.tokens.shape[0]
-        padded = _round_up(n, seq_multiple)
+        padded = round_up(n, seq_multiple)
         pad = padded - n
         adv = torch.as_tensor(s.advantages, dtype=torch.float32).expand(n)
         old = s.old_logprobs if s.old_logprobs is not None else torch.zeros(n)
@@ -158,7 +155,7 @@ def pack_samples(
         extras=({ROUTES: torch.cat(routes)} if has_routes else {})
         | ({ROLLOUT_LOGPROBS: torch.cat(rollout)} if has_rollout else {}),
     )
-    return pad_row(packed, _round_up(bounds[-1], row_multiple))
+    return pad_row(packed, round_up(bounds[-1], row_multiple))
 
 
 def _route_padding(like: Tensor, rows: int) -> Tensor:
@@ -175,39 +172,49 @@ def make_micro_batches(
     seq_multiple: int = 1,
     row_multiple: int = 1,
 ) -> list[PackedMicroBatch]:
-    """Split `samples` (in order) into packed micro-batches.
+    """Split `samples` into packed micro-batches.
 
-    Exactly one of `max_tokens` (token budget per row: greedy, order-preserving; a sample longer
+    Exactly one of `max_tokens` (token budget per row: first-fit decreasing; a sample longer
     than the budget gets a row of its own) or `num_micro_batches` (contiguous groups of near
-    equal sample counts) must be given.
+    equal sample counts) must be given. `megarl.batching` has the cut over DP ranks as well.
     """
     if (max_tokens is None) == (num_micro_batches is None):
         raise ValueError("give exactly one of max_tokens or num_micro_batches")
     if not samples:
         raise ValueError("samples must not be empty")
-    groups: list[list[TrainSample]] = []
+    indices = list(range(len(samples)))
     if num_micro_batches is not None:
-        if not 1 <= num_micro_batches <= len(samples):
-            raise ValueError(
-                f"num_micro_batches={num_micro_batches} must be in [1, {len(samples)}] "
-                "(one sample at least per micro-batch)"
-            )
-        bounds = [round(i * len(samples) / num_micro_batches) for i in range(num_micro_batches + 1)]
-        groups = [samples[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        groups = count_groups(indices, num_micro_batches)
     else:
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens={max_tokens} must be >= 1")
-        current: list[TrainSample] = []
-        used = 0
-        for s in samples:
-            size = _round_up(int(s.tokens.shape[0]), seq_multiple)
-            if current and used + size > max_tokens:
-                groups.append(current)
-                current, used = [], 0
-            current.append(s)
-            used += size
-        groups.append(current)
-    return [pack_samples(g, seq_multiple=seq_multiple, row_multiple=row_multiple) for g in groups]
+        lengths = [round_up(int(s.tokens.shape[0]), seq_multiple) for s in samples]
+        groups = budget_groups(lengths, indices, max_tokens)
+    return pack_groups(samples, groups, seq_multiple=seq_multiple, row_multiple=row_multiple)
+
+
+def pack_groups(samples: list[TrainSample], groups: list[list[int]], *, seq_multiple: int = 1,
+                row_multiple: int = 1) -> list[PackedMicroBatch]:  # fmt: skip
+    """One packed micro-batch per group of indices into `samples`; an empty group is a padding
+    micro-batch (`padding_sample`: every per-token field the samples carry, nothing trained)."""
+    return [pack_samples([samples[i] for i in g] if g else [padding_sample(samples[0])],
+                         seq_multiple=seq_multiple, row_multiple=row_multiple)
+            for g in groups]
+
+
+def padding_sample(like: TrainSample) -> TrainSample:
+    """A sequence that trains nothing (no loss token, zero advantage), with the same optional
+    fields as `like`, so it packs and flows through every pass like a real one."""
+    n = PADDING_TOKENS
+
+    def zeros(t: Tensor | None) -> Tensor | None:
+        return None if t is None else torch.zeros(n, dtype=t.dtype)
+
+    routes = None
+    if like.routed_experts is not None:
+        routes = _route_padding(like.routed_experts, n)
+    return TrainSample(tokens=torch.zeros(n, dtype=like.tokens.dtype),
+                       loss_mask=torch.zeros(n, dtype=torch.bool), advantages=torch.tensor(0.0),
+                       old_logprobs=zeros(like.old_logprobs), ref_logprobs=zeros(like.ref_logprobs),
+                       routed_experts=routes, rollout_logprobs=zeros(like.rollout_logprobs))
 
 
 def pad_row(mb: PackedMicroBatch, length: int) -> PackedMicroBatch:

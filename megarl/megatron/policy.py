@@ -10,8 +10,7 @@ without CUDA it installs the CPU shim (`megarl.megatron.cpu`) first.
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megarl.batching import Cut, cut_batch, row_multiples
 from megarl.config import Config, ModelFacts
 from megarl.convert.hf_io import HFCheckpoint
 from megarl.convert.mapping import Architecture
@@ -27,7 +27,7 @@ from megarl.losses.objective import Objective
 from megarl.megatron.dist_checkpoint import load_distributed, save_distributed
 from megarl.megatron.model import build_model, transformer_config_from_hf, wrap_ddp
 from megarl.megatron.optimizer import build_optimizer
-from megarl.megatron.packing import PackedMicroBatch, make_micro_batches
+from megarl.megatron.packing import PackedMicroBatch, pack_groups
 from megarl.megatron.parallel import init_process_group, initialize_parallel
 from megarl.megatron.router_replay import RouteRecorder, RouteReplayer, sample_routes
 from megarl.megatron.step import (
@@ -93,24 +93,26 @@ class Policy:
 
     # ---- batches ------------------------------------------------------------------------------
 
-    def local_share(self, samples: list[TrainSample]) -> list[TrainSample]:
-        """This DP rank's contiguous share of a batch that every rank holds whole."""
-        dp, rank = self.layout.dp, self.layout.dp_rank
-        if len(samples) % dp:
-            raise ValueError(f"{len(samples)} samples do not split over {dp} DP ranks")
-        per_rank = len(samples) // dp
-        return samples[rank * per_rank:(rank + 1) * per_rank]
+    def cut(self, samples: list[TrainSample]) -> Cut:
+        """How `samples` (the same list on every rank) split over the DP ranks and into
+        micro-batches: `trainer.micro_batch_size` sequences each, or packed by
+        `trainer.max_tokens_per_micro_batch` tokens per GPU (`megarl.batching`)."""
+        lay, t = self.layout, self.config.trainer
+        seq_multiple, row_multiple = row_multiples(lay.tp, lay.cp, lay.sequence_parallel)
+        budget = t.max_tokens_per_micro_batch
+        interleaved = len(self.models) > 1
+        return cut_batch(
+            [len(s.tokens) for s in samples], lay.dp,
+            micro_batch_size=None if budget else t.micro_batch_size,
+            max_tokens=budget * lay.cp if budget else None,
+            seq_multiple=seq_multiple, row_multiple=row_multiple,
+            count_multiple=lay.pp if interleaved else 1, fixed_shape=interleaved)
 
-    def micro_batches(self, local: list[TrainSample],
-                      count: int | None = None) -> list[PackedMicroBatch]:  # fmt: skip
-        """`trainer.micro_batch_size` sequences per micro-batch (or `count` micro-batches),
-        packed into one row each."""
-        if count is None:
-            count = max(1, math.ceil(len(local) / self.config.trainer.micro_batch_size))
-        tp = self.layout.tp if self.layout.sequence_parallel else 1
-        zigzag = 2 * self.layout.cp if self.layout.cp > 1 else 1  # CP halves every sequence
-        return make_micro_batches(local, num_micro_batches=count, seq_multiple=zigzag,
-                                  row_multiple=tp * zigzag)
+    def pack(self, samples: list[TrainSample], groups: list[list[int]]) -> list[PackedMicroBatch]:
+        """One packed row per group of indices into `samples` (empty: a padding row)."""
+        seq_multiple, row_multiple = row_multiples(self.layout.tp, self.layout.cp,
+                                                   self.layout.sequence_parallel)
+        return pack_groups(samples, groups, seq_multiple=seq_multiple, row_multiple=row_multiple)
 
     # ---- passes -------------------------------------------------------------------------------
 
@@ -119,28 +121,34 @@ class Policy:
         """`samples` with ``old_logprobs`` from a forward-only pass, whole on every rank (R3
         replays the engine's routes; R2 records Megatron's own as the samples' routes).
         ``into="ref_logprobs"`` stores them there instead and replays the samples' routes."""
-        local = self.local_share(samples)
-        mbs = self.micro_batches(local)
+        groups = self.cut(samples).micro_batches[self.layout.dp_rank]
+        mbs = self.pack(samples, groups)
         record = self.recorder is not None and into == "old_logprobs"
         replay = self.recorder if record else self.replayer
         rows = compute_logprobs(self.models, mbs, self.options, replay=replay)
         recorded = self.recorder.take(mbs) if record else None
-        out: list[TrainSample] = []
-        for i, (mb, row) in enumerate(zip(mbs, rows, strict=True)):
+        mine: list[tuple[int, TrainSample]] = []
+        for i, (group, mb, row) in enumerate(zip(groups, mbs, rows, strict=True)):
+            if not group:  # a padding row
+                continue
             logp = mb.unpack(row)
             routes = None if recorded is None else sample_routes(mb, recorded[i])
-            for k in range(len(mb.sample_lengths)):
-                s = local[len(out)]
+            for k, index in enumerate(group):
+                s = samples[index]
                 n = len(s.tokens)
                 old = torch.zeros(n, dtype=torch.float32)
                 old[1:] = logp[k][: n - 1].float().cpu()  # label-aligned -> token-aligned
                 extra = {} if routes is None else {"routed_experts": routes[k]}
-                out.append(dataclasses.replace(s, **{into: old}, **extra))
-        if self.layout.dp == 1:
-            return out
-        parts: list[Any] = [None] * self.layout.dp
-        dist.all_gather_object(parts, out, group=ps.get_data_parallel_group())
-        return [s for part in parts for s in part]
+                mine.append((index, dataclasses.replace(s, **{into: old}, **extra)))
+        parts: list[Any] = [mine]
+        if self.layout.dp > 1:
+            parts = [None] * self.layout.dp
+            dist.all_gather_object(parts, mine, group=ps.get_data_parallel_group())
+        out: list[TrainSample | None] = [None] * len(samples)
+        for index, sample in (pair for part in parts for pair in part):
+            out[index] = sample
+        assert all(s is not None for s in out), "a sample is missing from every DP rank's share"
+        return out  # type: ignore[return-value]
 
     def reference_logprobs(self, samples: list[TrainSample]) -> list[TrainSample]:
         """`samples` with ``ref_logprobs`` under the reference (initial) weights, under the
@@ -165,22 +173,29 @@ class Policy:
         for p, w in zip(self._parameters(), weights, strict=True):
             p.copy_(w, non_blocking=False)
 
-    def train(self, samples: list[TrainSample], objective: Objective, lr: float) -> StepResult:
+    def train(self, samples: list[TrainSample], objective: Objective, lr: float, *,
+              on_grads: Callable[[list[Any]], None] | None = None) -> StepResult:  # fmt: skip
         """One optimizer step on a mini-batch (the same list on every rank); an update that
-        leaves the policy non-finite is undone (`UpdateGuard`) and reported as skipped."""
+        leaves the policy non-finite is undone (`UpdateGuard`) and reported as skipped.
+        `on_grads(models)` sees the whole reduced gradients before the step (`train_step`)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        local = self.local_share(samples)
+        cut = self.cut(samples)
+        local = cut.micro_batches[self.layout.dp_rank]
         self.guard.snapshot()
-        result = train_step(self.models, self.optimizer, self.micro_batches(local), objective,
-                            self.options, replay=self.replayer)
+        result = train_step(self.models, self.optimizer, self.pack(samples, local), objective,
+                            self.options, replay=self.replayer, on_grads=on_grads)
+        result = dataclasses.replace(
+            result, metrics=result.metrics | cut.stats([len(s.tokens) for s in samples]))
         if result.skipped:
             return result
         problem = self.guard.nonfinite_state()
         if problem is None:
-            # the new weights on one sequence (a virtual-pipeline schedule needs pp of them)
-            k = min(len(local), self.layout.pp if len(self.models) > 1 else 1)
-            probe = self.micro_batches(local[:k], count=k)
+            # the new weights on one sequence (a virtual-pipeline schedule needs pp rows; a
+            # rank with fewer sequences than that pads)
+            mine = [i for group in local for i in group][:1]
+            k = self.layout.pp if len(self.models) > 1 else 1
+            probe = self.pack(samples, [mine] + [[]] * (k - 1))
             rows = compute_logprobs(self.models, probe, self.options, replay=self.replayer)
             if not all_finite_over_world(rows):
                 problem = "log-probs not finite after the update"

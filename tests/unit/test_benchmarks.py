@@ -165,3 +165,26 @@ def test_slice_memory_arithmetic() -> None:
     layers, _, _ = choose_shape("auto", "auto", 4096, h200)
     assert layers > 4
     assert choose_shape("6", "none", 4096, h100)[:2] == (6, "none")  # explicit wins
+
+
+@pytest.mark.slow
+def test_token_budget_smoke(tmp_path: Path) -> None:
+    """benchmarks/token_budget.py under torchrun (DP2): both cuts give the same loss, and the
+    budget's shares are balanced and its rows within the budget."""
+    out = tmp_path / "token_budget.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "benchmarks/token_budget.py", "--smoke", "--out",
+                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert ENV_KEYS <= set(record["environment"]) and record["environment"]["ranks"] == 2
+    assert record["table"] in proc.stdout
+    fixed, budget = record["results"]
+    assert fixed["cut"] == {"micro_batch_size": 4}
+    assert budget["cut"] == {"max_tokens_per_micro_batch": 512}
+    assert abs(fixed["loss"] - budget["loss"]) <= 1e-5
+    assert budget["row_tokens/max"] <= max(512, record["lengths"]["max"])
+    assert budget["dp_imbalance"] <= fixed["dp_imbalance"]
+    assert all(positive(r["step_s"]) for r in record["results"])

@@ -80,14 +80,14 @@ def test_unpack_left_aligns_and_backpropagates() -> None:
 
 def test_token_budget_and_fixed_count_split() -> None:
     samples = [sample(n, seed=n) for n in (6, 3, 4, 8, 2)]
-    mbs = make_micro_batches(samples, max_tokens=10)
-    assert [mb.sample_lengths for mb in mbs] == [[6, 3], [4], [8, 2]]
+    mbs = make_micro_batches(samples, max_tokens=10)  # first-fit decreasing
+    assert [mb.sample_lengths for mb in mbs] == [[8, 2], [6, 4], [3]]
     assert all(mb.row_length <= 10 for mb in mbs)
     assert [len(mb.sample_lengths) for mb in make_micro_batches(samples, num_micro_batches=2)] \
         == [2, 3]
     # a sample over the budget gets a row of its own
     assert [mb.sample_lengths for mb in make_micro_batches(samples, max_tokens=5)] == \
-        [[6], [3], [4], [8], [2]]
+        [[8], [6], [4], [3, 2]]
 
 
 def test_cp_partition_is_zigzag_and_covers_every_position() -> None:
