@@ -13,10 +13,12 @@ ends with ``/sum``, or starts with        sum over micro-batches and ranks
                                           by the mini-batch's global counts)
 anything else                             weighted mean (weight = the ``weight``
                                           given with the micro-batch, e.g. its
-                                          token count)
+                                          token count, or the metric's own
+                                          ``name@weight`` when it has one)
 ========================================  =====================================
 
-Weights only matter for means. A mean whose total weight is 0 is NaN.
+Weights only matter for means. A mean whose total weight is 0 is NaN, except a conditional
+mean (one given with ``name@weight``: a mean over a subset of tokens), which is 0 over no tokens.
 
 Across ranks, ``MetricAccumulator.reduce`` packs every value into two float64 tensors and
 runs two all-reduces: SUM (weighted sums, weights, sums) and MAX (maxima, and negated
@@ -43,6 +45,7 @@ import torch.distributed as dist
 from rich.markup import escape
 
 from megarl.errors import UserError
+from megarl.losses.batch import WEIGHT_SUFFIX
 
 Kind = Literal["mean", "sum", "min", "max"]
 Number = float | int | torch.Tensor
@@ -96,20 +99,29 @@ class MetricAccumulator:
     def __init__(self) -> None:
         self._values: dict[str, list[Number]] = defaultdict(list)
         self._weights: dict[str, list[Number]] = defaultdict(list)
+        self._conditional: set[str] = set()  # means with their own weights (name@weight)
 
     def add(self, metrics: Mapping[str, Number], weight: Number = 1.0) -> None:
-        """Record one micro-batch's scalars (floats or 0-d tensors) with its weight."""
+        """Record one micro-batch's scalars (floats or 0-d tensors) with its weight; a mean
+        that comes with ``name@weight`` (`megarl.losses.batch.conditional_mean`) is weighted by
+        that instead."""
         for name, value in metrics.items():
+            if name.endswith(WEIGHT_SUFFIX):
+                continue
+            own = metrics.get(name + WEIGHT_SUFFIX)
+            if own is not None:
+                self._conditional.add(name)
             if isinstance(value, torch.Tensor):
                 if value.numel() != 1:
                     raise ValueError(f"metric {name!r} must be a scalar, got {tuple(value.shape)}")
                 value = value.detach()
             self._values[name].append(value)
-            self._weights[name].append(weight)
+            self._weights[name].append(weight if own is None else own)
 
     def reset(self) -> None:
         self._values.clear()
         self._weights.clear()
+        self._conditional.clear()
 
     def __len__(self) -> int:
         return len(self._values)
@@ -157,7 +169,8 @@ class MetricAccumulator:
             if metric_kind(name) == "sum":
                 out[name] = total
             else:
-                out[name] = total / weight if weight != 0 else math.nan
+                empty = 0.0 if name in self._conditional else math.nan  # over no tokens: 0
+                out[name] = total / weight if weight != 0 else empty
         for i, name in enumerate(max_names):
             out[name] = maxes_list[i] if metric_kind(name) == "max" else -maxes_list[i]
         return dict(sorted(out.items()))

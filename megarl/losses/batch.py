@@ -137,6 +137,18 @@ class LossBatch:
         return cls(lp_safe, old_safe, adv, mask, log_ratio, lengths.clamp(min=1.0), process_group)
 
 
+WEIGHT_SUFFIX = "@weight"  # metrics[name + WEIGHT_SUFFIX]: the token count behind metrics[name]
+
+
+def conditional_mean(name: str, x: Tensor, where: Tensor) -> dict[str, Tensor]:
+    """``{name: mean of x where where, name@weight: how many}``: a mean over a subset of the
+    tokens (a region, the positive tokens), which `megarl.metrics.MetricAccumulator` weights by
+    its own count, so that micro-batches and ranks combine into the mean over the whole batch
+    whatever the split (a micro-batch's token count would over-weight one with few such
+    tokens)."""
+    return {name: masked_mean(x, where), name + WEIGHT_SUFFIX: where.sum().float()}
+
+
 def masked_mean(x: Tensor, where: Tensor) -> Tensor:
     """Mean of `x` over the positions where `where` is true (0 when there are none); with
     ``x`` a boolean mask and ``where`` the response mask, the fraction of valid tokens."""

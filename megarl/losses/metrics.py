@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from megarl.losses.batch import LossBatch, RegionBounds, masked_mean
+from megarl.losses.batch import LossBatch, RegionBounds, conditional_mean, masked_mean
 
 REGIONS: tuple[str, ...] = ("LN", "HP", "LP", "HN", "M")
 
@@ -61,7 +61,7 @@ def loss_metrics(b: LossBatch, ratio: Tensor, bounds: RegionBounds, grad: Tensor
             weight = -grad / safe_adv
             zero = (grad == 0) & mask
             for name, region in regions.items():
-                metrics[f"grad_weight/{name}"] = masked_mean(weight, region & nonzero_adv)
+                metrics |= conditional_mean(f"grad_weight/{name}", weight, region & nonzero_adv)
             metrics["clip/frac"] = masked_mean(zero & nonzero_adv, mask)
             metrics["clip/zero_grad_frac"] = masked_mean(zero, mask)
         w = b.ratio.detach()

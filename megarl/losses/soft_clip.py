@@ -33,7 +33,7 @@ from megarl.losses.batch import (
     LossBatch,
     LossTerms,
     RegionBounds,
-    masked_mean,
+    conditional_mean,
     sg,
     weighted_log_prob_term,
     with_gradient_weight,
@@ -80,8 +80,8 @@ def dgpo(b: LossBatch, eps_low: float, eps_high: float, n: int, m: int) -> LossT
     log_weight = torch.where(ln, (n + 1) * delta - n * math.log1p(-eps_low), delta)
     log_weight = torch.where(hp, math.log1p(eps_high) / m + (1.0 - 1.0 / m) * delta, log_weight)
     kappa = torch.exp(log_weight - delta)  # F / w = W pi_old, the probability-space weight
-    metrics = {"dgpo/weight_over_ratio_LN": masked_mean(kappa, ln),
-               "dgpo/weight_over_ratio_HP": masked_mean(kappa, hp)}
+    metrics = (conditional_mean("dgpo/weight_over_ratio_LN", kappa, ln)
+               | conditional_mean("dgpo/weight_over_ratio_HP", kappa, hp))
     return soft_clip_terms(b, log_weight, eps_low, eps_high, metrics)
 
 

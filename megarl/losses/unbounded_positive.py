@@ -28,7 +28,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from megarl.losses.batch import LossBatch, LossTerms, RegionBounds, masked_mean
+from megarl.losses.batch import LossBatch, LossTerms, RegionBounds, conditional_mean
 from megarl.losses.clipped import clipped_surrogate, dual_clip_fraction
 from megarl.losses.registry import dual_clip_c, eps_high, eps_low, register_policy_loss
 from megarl.losses.sequence import gspo_surrogate
@@ -48,11 +48,9 @@ def probability_capacity(
         top = math.inf if dual_clip_c is None else dual_clip_c
         inside = (pi >= floor) & (pi <= top * pi_old)
         cap_neg = torch.where(inside, pi - floor, torch.zeros_like(pi))
-        return {
-            "up/cap_pos": masked_mean(1.0 - pi, pos),
-            "up/cap_pos_clipped_baseline": masked_mean(cap_clipped_pos, pos),
-            "up/cap_neg": masked_mean(cap_neg, neg),
-        }
+        return (conditional_mean("up/cap_pos", 1.0 - pi, pos)
+                | conditional_mean("up/cap_pos_clipped_baseline", cap_clipped_pos, pos)
+                | conditional_mean("up/cap_neg", cap_neg, neg))
 
 
 def up_token(b: LossBatch, eps_low: float, eps_high: float, dual_clip_c: float | None) -> LossTerms:

@@ -241,8 +241,12 @@ def _reduce_metrics(
         and ps.get_context_parallel_rank() == 0
     )
     if reporting:
+        # a row without loss tokens (a padding row of a token budget) says nothing; a rank
+        # whose rows all have none still reports, with weight 1, so no mean is 0/0
+        empty = not any(out["weight"] for out in outputs)
         for out in outputs:
-            accumulator.add(out["metrics"], weight=max(out["weight"], 1))
+            if out["weight"] or empty:
+                accumulator.add(out["metrics"], weight=max(out["weight"], 1))
     metrics = accumulator.reduce()
     metrics.update(
         {

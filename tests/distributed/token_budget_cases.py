@@ -107,9 +107,19 @@ def compare(layout: str) -> bool:
             "loss": abs(ref["result"].metrics["loss/total"] - got["result"].metrics["loss/total"]),
             "grad_norm": abs(ref["result"].grad_norm - got["result"].grad_norm)
             / ref["result"].grad_norm,
+            # the loss's metrics (regions, gradient weights, ratios, clip fractions): the same
+            # step, whatever the cut (padding rows and region counts weigh right)
+            "metrics": max(abs(v - got["result"].metrics[k]) / max(abs(v), 1.0)
+                           for k, v in ref["result"].metrics.items()
+                           if k.startswith(("region/", "grad_weight/", "ratio/", "clip/",
+                                            "kl/", "up/", "loss/"))),
             "grads": max(float((a - b).abs().max() / max(float(a.abs().max()), 1e-3))
                          for a, b in zip(ref["grads"], got["grads"], strict=True)),
         }
+        worst_metric = max(
+            (abs(v - got["result"].metrics[k]) / max(abs(v), 1.0), k)
+            for k, v in ref["result"].metrics.items()
+            if k.startswith(("region/", "grad_weight/", "ratio/", "clip/", "kl/", "up/", "loss/")))
         routes_equal = all(
             a.routed_experts is None or torch.equal(a.routed_experts, b.routed_experts)
             for a, b in zip(ref["old"], got["old"], strict=True))
@@ -126,6 +136,7 @@ def compare(layout: str) -> bool:
                   + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
                   + f" micro_batches={got['counts']} padding_rows={got['padding_rows']}"
                   + f" over_budget={got['over']} routes_equal={routes_equal}"
+                  + f" worst_metric={worst_metric[1]}"
                   + f" metrics={ {k: v for k, v in got['result'].metrics.items()
                                   if k.startswith('batch/')} }", flush=True)
     return ok

@@ -216,3 +216,32 @@ def test_a_steps_updates_combine_by_kind_and_skip_the_skipped() -> None:
                                                        if isinstance(v, float))
     all_skipped = combine_updates([skipped, skipped])
     assert all_skipped["train/skipped_update"] == 2.0 and math.isnan(all_skipped["ratio/max"])
+
+
+@pytest.mark.parametrize("name", ["up_gspo", "dgpo", "grpo"])
+def test_loss_metrics_do_not_depend_on_the_micro_batch_split(name: str) -> None:
+    """Per-region means (grad_weight/*, up/cap_*, dgpo/*) carry their own token counts, so one
+    micro-batch and eight give the same step metrics (the trainer weights by loss tokens)."""
+    from megarl.losses import compute_policy_loss
+
+    g = torch.Generator().manual_seed(0)
+    rows, width = 16, 12
+    old = -torch.rand(rows, width, generator=g) * 2
+    logp = (old + 0.4 * torch.randn(rows, width, generator=g)).requires_grad_()
+    adv = torch.randn(rows, 1, generator=g).expand(rows, width)
+    mask = torch.rand(rows, width, generator=g) > 0.3
+    counts = {"num_tokens": int(mask.sum()), "num_sequences": rows}
+
+    def step_metrics(parts: int) -> dict[str, float]:
+        acc = MetricAccumulator()
+        for idx in torch.arange(rows).chunk(parts):
+            _, m = compute_policy_loss(name, logp[idx], old[idx], adv[idx], mask[idx], **counts)
+            acc.add(m, weight=int(mask[idx].sum()))
+        return acc.reduce()
+
+    whole, split = step_metrics(1), step_metrics(8)
+    assert not any(k.endswith("@weight") for k in whole)
+    regional = [k for k in whole if k.startswith(("grad_weight/", "up/cap", "dgpo/"))]
+    assert regional
+    for k in regional + ["region/HP", "clip/frac", "ratio/mean"]:
+        assert split[k] == pytest.approx(whole[k], rel=1e-6, abs=1e-9), k
