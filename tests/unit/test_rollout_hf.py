@@ -66,7 +66,8 @@ def test_logprobs_and_routes_match_a_full_forward(engine: HFEngine, temperature:
                            routes[:-1].sort(-1).values)
         expected = torch.log_softmax(logits[len(prompt) - 1:-1] / temperature, -1)
         expected = expected.gather(-1, r.response_ids[:, None])[:, 0]
-        torch.testing.assert_close(r.logprobs, expected, atol=1e-5, rtol=0)
+        # float32: a KV-cached decode and one full forward sum in different orders
+        torch.testing.assert_close(r.logprobs, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_stop_tokens_top_k_and_top_p(engine: HFEngine) -> None:
