@@ -30,6 +30,7 @@ SLOW = (
     "tests/unit/test_config_checks.py::test_paths_train_reads_are_checked_by_plan_and_before",
     "tests/unit/test_resume.py::",
     "tests/unit/test_trainer.py::test_quickstart_learns",
+    "tests/unit/test_trainer.py::test_a_token_budget_run_equals_the_counted_run",
     "tests/unit/test_trainer_math.py::",
     "tests/unit/test_reference_kl.py::",
     "tests/unit/test_finite_updates.py::test_a_non_finite_policy_is_caught",

@@ -42,3 +42,21 @@ def test_quickstart_learns(tmp_path: Path, loss: str) -> None:
     assert max(h["rollout/logp_abs_diff_max"] for h in history) < 1e-4
     ckpt = tmp_path / "run" / "checkpoints" / "step_000070"
     assert (ckpt / "COMPLETE").is_file()
+
+
+def test_a_token_budget_run_equals_the_counted_run(tmp_path: Path) -> None:
+    """`megarl train` with `trainer.max_tokens_per_micro_batch` (old log-probs with R3, updates)
+    logs what the counted run logs, up to float32 summation order: the cut changes no number
+    but its own `batch/*` ones."""
+    common = ("trainer.steps=2", "trainer.eval_every=0", "checkpoint.save_every=0")
+    counted = train(tmp_path / "counted", *common)
+    budget = train(tmp_path / "budget", *common, "trainer.max_tokens_per_micro_batch=40")
+    assert len(counted) == len(budget) == 2
+    for a, b in zip(counted, budget, strict=True):
+        assert b["batch/micro_batches"] > a["batch/micro_batches"]  # 40-token rows: many
+        assert b["batch/row_tokens/max"] <= 40
+        compared = [k for k, v in a.items() if isinstance(v, int | float) and not k.startswith(
+            ("time", "step", "sync/", "batch/", "perf/")) and "per_s" not in k]
+        assert len(compared) > 40  # rewards, lengths, the losses and their metrics, KL
+        for k in compared:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
