@@ -194,8 +194,21 @@ def make_samples(rows: int, seq_len: int, vocab: int, seed: int = 0) -> list[Any
     return samples
 
 
-def with_old_logprobs(samples: list[Any], micro_batches: list[Any], rows: list[Any],
-                      seed: int = 1) -> list[Any]:  # fmt: skip
+def row_groups(samples: list[Any], seq_len: int) -> list[list[int]]:
+    """`make_samples`' rows: consecutive samples whose lengths sum to `seq_len`."""
+    groups: list[list[int]] = [[]]
+    used = 0
+    for i, s in enumerate(samples):
+        if used + len(s.tokens) > seq_len:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += len(s.tokens)
+    return groups
+
+
+def with_old_logprobs(samples: list[Any], groups: list[list[int]], micro_batches: list[Any],
+                      rows: list[Any], seed: int = 1) -> list[Any]:  # fmt: skip
     """Samples whose old log-probs are the model's own (as `Policy.logprobs` stores them) plus
     a little noise, so the importance ratios differ from 1."""
     import dataclasses
@@ -203,15 +216,15 @@ def with_old_logprobs(samples: list[Any], micro_batches: list[Any], rows: list[A
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for mb, row in zip(micro_batches, rows, strict=True):
+    out = list(samples)
+    for group, mb, row in zip(groups, micro_batches, rows, strict=True):
         logp = mb.unpack(row.float().cpu())
-        for k in range(len(mb.sample_lengths)):
-            s = samples[len(out)]
+        for k, index in enumerate(group):
+            s = samples[index]
             n = len(s.tokens)
             old = torch.zeros(n)
             old[1:] = logp[k][: n - 1] + 0.02 * torch.randn(n - 1, generator=g)
-            out.append(dataclasses.replace(s, old_logprobs=old))
+            out[index] = dataclasses.replace(s, old_logprobs=old)
     return out
 
 
@@ -326,7 +339,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from megarl.config import AlgoConfig, ModelFacts, ParallelConfig, TrainerConfig
     from megarl.megatron.model import build_model, transformer_config_from_hf, wrap_ddp
     from megarl.megatron.optimizer import build_optimizer
-    from megarl.megatron.packing import make_micro_batches
+    from megarl.megatron.packing import pack_groups
     from megarl.megatron.parallel import initialize_parallel
     from megarl.megatron.policy import start_distributed
     from megarl.megatron.step import (
@@ -366,7 +379,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     options = ForwardOptions(temperature=1.0)
 
     samples = make_samples(args.micro_batches, args.seq_len, int(hf["vocab_size"]))
-    mbs = make_micro_batches(samples, max_tokens=args.seq_len)
+    groups = row_groups(samples, args.seq_len)
+    mbs = pack_groups(samples, groups)
     assert len(mbs) == args.micro_batches and all(m.row_length == args.seq_len for m in mbs)
     # the same model and tokens: megatron's cross-entropy == megarl's -log p (initial weights)
     rows = compute_logprobs(models, mbs, options)
@@ -381,8 +395,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         / abs(check["raw_cross_entropy"])
     check["tolerance"] = 1e-2 if dtype == "bfloat16" else 1e-4
     check["passed"] = check["relative_difference"] <= check["tolerance"]
-    samples = with_old_logprobs(samples, mbs, rows)
-    mbs = make_micro_batches(samples, max_tokens=args.seq_len)
+    samples = with_old_logprobs(samples, groups, mbs, rows)
+    mbs = pack_groups(samples, groups)
 
     def megarl_iteration() -> Any:
         for group in optimizer.param_groups:  # as Policy.train sets the step's lr
