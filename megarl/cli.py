@@ -1,4 +1,4 @@
-"""The ``megarl`` command: ``plan | train | eval | report | convert``.
+"""The ``megarl`` command: ``plan | train | eval | compare | report | convert``.
 
 Exit status: 0 success, 2 a user error (bad config, missing file: one ``error:`` line on
 stderr, no traceback).
@@ -48,10 +48,28 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", metavar="FILE", help="also write the tables as JSON")
             p.add_argument("--samples", metavar="FILE",
                            help="also write every problem's answers and grades as JSON lines")
+    compare = sub.add_parser(
+        "compare", help="run objectives side by side (every loss x seed) and report them",
+        description="run every (loss, seed) pair of one base config as its own megarl train, "
+        "at most --jobs at a time, resumable, then the side-by-side report under OUT/report/")
+    compare.add_argument("config", help="YAML config file (the base every pair shares)")
+    compare.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                         help="dotted overrides for every pair")
+    compare.add_argument("--losses", required=True, metavar="A,B,...",
+                         help="the objectives (algo.loss names), e.g. up_gspo,gspo,grpo")
+    compare.add_argument("--seeds", type=int, default=3, help="seeds per objective (3)")
+    compare.add_argument("--first-seed", type=int, default=1, help="seeds run from this (1)")
+    compare.add_argument("--jobs", type=int, default=1, help="pairs run at once (1)")
+    compare.add_argument("--out", metavar="DIR",
+                         help="where the runs go (default: logging.dir/compare-<config name>)")
+    compare.add_argument("--print-commands", action="store_true",
+                         help="print each unfinished pair's megarl train command and stop "
+                         "(one cluster job per pair)")
     report = sub.add_parser("report", help="plot a run's curves as PNGs",
                             description="plot a run's curves (reward, accuracy, entropy, KL, "
                             "grad norm, regions, clipping) as PNGs under RUN_DIR/report/")
-    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with metrics.jsonl")
+    report.add_argument("run_dir", metavar="RUN_DIR",
+                        help="a run directory with metrics.jsonl, or a megarl compare folder")
     convert = sub.add_parser(
         "convert",
         help="convert checkpoints HF <-> megatron distributed (streaming, CPU)",
@@ -66,7 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``megarl`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides after an option (megarl compare C --losses a,b trainer.steps=5):
+    # argparse leaves them over; they are overrides like those before it
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-")
+                                                    for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _dispatch(args)
     except UserError as e:
@@ -81,11 +107,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         quiet_libraries(note=False)
         return run_conversion(args.direction, args)
     if args.command == "report":
+        from megarl.compare_report import is_comparison, write_comparison
         from megarl.report import write_report
 
-        for path in write_report(args.run_dir):
+        draw = write_comparison if is_comparison(args.run_dir) else write_report
+        for path in draw(args.run_dir):
             print(path)
         return 0
+    if args.command == "compare":
+        return _compare(args)
     from megarl.assemble import check_paths
     from megarl.config import load_config
 
@@ -115,6 +145,30 @@ def _dispatch(args: argparse.Namespace) -> int:
         Trainer(config).fit()
         return 0
     return _evaluate(config, args.checkpoint, args.json, args.samples)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from megarl.compare import Comparison, print_commands, run_comparison
+    from megarl.compare_report import write_comparison
+    from megarl.config import load_config
+
+    out = args.out
+    if out is None:
+        base = load_config(args.config, args.overrides)
+        out = Path(base.logging.dir) / f"compare-{Path(args.config).stem}"
+    comparison = Comparison.make(args.config, args.overrides, args.losses, args.seeds,
+                                 args.first_seed, out)
+    if args.print_commands:
+        print_commands(comparison)
+        return 0
+    outcome = run_comparison(comparison, args.jobs)
+    failed = {pair: what for pair, what in outcome.items() if what != "finished"}
+    if len(failed) < len(outcome):
+        for path in write_comparison(comparison.out):
+            print(path)
+    for pair, what in failed.items():
+        print(f"error: {pair} {what}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _evaluate(config: Any, checkpoint: str | None, json_path: str | None,

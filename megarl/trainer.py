@@ -82,6 +82,19 @@ def step_seed(seed: int, step: int, round_: int, group: int = 0) -> int:
     return (seed * 1_000_003 + step * 7919 + round_ * 104_729 + group * 15_485_863) % 2**62
 
 
+def diversity_metrics(groups: list[tuple[list[Rollout], list[float]]]) -> dict[str, float]:
+    """How varied each prompt's responses are: ``response/distinct_frac``, distinct responses
+    over responses, and ``reward/distinct_correct``, distinct responses with reward > 0.5 (the
+    number of different right answers found), both averaged over prompts."""
+    distinct, correct = [], []
+    for rollouts, rewards in groups:
+        ids = [tuple(r.response_ids.tolist()) for r in rollouts]
+        distinct.append(len(set(ids)) / len(ids))
+        correct.append(len({i for i, w in zip(ids, rewards, strict=True) if w > 0.5}))
+    return {"response/distinct_frac": sum(distinct) / len(distinct),
+            "reward/distinct_correct": sum(correct) / len(correct)}
+
+
 class Trainer:
     def __init__(self, config: Config, *, run_dir: Path | None = None) -> None:
         prepare_engine_platform(config)
@@ -288,7 +301,7 @@ class Trainer:
             "response/length_max": float(lengths.max()),
             "response/truncated_frac": float(sum(r.finish_reason == "length"
                                                  for r in batch.rollouts) / len(batch.rollouts)),
-        }
+        } | diversity_metrics(groups)
         return batch
 
     def _punish_overlong(self, rollouts: list[Rollout], rewards: list[float],

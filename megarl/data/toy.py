@@ -59,7 +59,7 @@ class CharTokenizer:
 class ToyProblem:
     index: int
     prompt: str
-    answer: str
+    answer: str | tuple[str, ...]  # the answer, or every accepted answer
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,35 @@ class ArithmeticTask:
         return ToyProblem(index, f"{a}{op}{b}=", str(value))
 
 
+@dataclass(frozen=True)
+class DigitSumTask:
+    """``s=``: any number of `min_digits` to `max_digits` digits (no leading zero) whose digits
+    sum to ``s``, for ``s`` in ``[min_sum, max_sum]``. A prompt has many correct answers (9 for
+    ``s = 3``, 73 for ``s = 12`` with 2-3 digits), several tokens each, so the diversity of a
+    policy's answers, its entropy and pass@k mean something: the exploration testbed of
+    docs/experiments.md, where the arithmetic tasks have one answer per prompt."""
+
+    min_sum: int = 3
+    max_sum: int = 12
+    min_digits: int = 2
+    max_digits: int = 3
+    name: str = "digitsum"
+
+    def answers(self, total: int) -> tuple[str, ...]:
+        low, high = 10 ** (self.min_digits - 1), 10 ** self.max_digits
+        return tuple(str(v) for v in range(low, high) if sum(map(int, str(v))) == total)
+
+    def problem(self, seed: int, index: int) -> ToyProblem:
+        rng = random.Random(f"{self.name}:{seed}:{index}")
+        total = rng.randint(self.min_sum, self.max_sum)
+        return ToyProblem(index, f"{total}=", self.answers(total))
+
+
 ALPHABET = "0123456789+-*= "
-TASKS = {
+TASKS: dict[str, ArithmeticTask | DigitSumTask] = {
     "arithmetic": ArithmeticTask(),
     "arithmetic-hard": ArithmeticTask(max_operand=9, ops="+-*", name="arithmetic-hard"),
+    "digitsum": DigitSumTask(),
 }
 
 
@@ -89,7 +114,7 @@ def is_toy(source: str | None) -> bool:
     return bool(source) and source.startswith(TOY_PREFIX)
 
 
-def toy_task(source: str, field: str = "data.train") -> ArithmeticTask:
+def toy_task(source: str, field: str = "data.train") -> ArithmeticTask | DigitSumTask:
     name = source.removeprefix(TOY_PREFIX)
     if name not in TASKS:
         raise UserError(f"{field}={source!r}: unknown toy task; known: "
@@ -126,7 +151,7 @@ class Prompt:
     index: int
     prompt_ids: list[int]
     prompt_text: str
-    answer: str
+    answer: str | tuple[str, ...]
 
 
 class ToySource:
