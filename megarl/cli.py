@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--print-commands", action="store_true",
                          help="print each unfinished pair's megarl train command and stop "
                          "(one cluster job per pair)")
+    compare.add_argument("--sbatch", metavar="JOB_SCRIPT",
+                         help="with --print-commands: one 'sbatch JOB_SCRIPT overrides' line per "
+                         "pair instead (a slurm/*.sh script whose recipe is CONFIG)")
     report = sub.add_parser("report", help="plot a run's curves as PNGs",
                             description="plot a run's curves (reward, accuracy, entropy, KL, "
                             "grad norm, regions, clipping) as PNGs under RUN_DIR/report/")
@@ -158,8 +161,10 @@ def _compare(args: argparse.Namespace) -> int:
         out = Path(base.logging.dir) / f"compare-{Path(args.config).stem}"
     comparison = Comparison.make(args.config, args.overrides, args.losses, args.seeds,
                                  args.first_seed, out)
+    if args.sbatch and not args.print_commands:
+        raise UserError("--sbatch goes with --print-commands (it prints the jobs to submit)")
     if args.print_commands:
-        print_commands(comparison)
+        print_commands(comparison, args.sbatch)
         return 0
     outcome = run_comparison(comparison, args.jobs)
     failed = {pair: what for pair, what in outcome.items() if what != "finished"}

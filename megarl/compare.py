@@ -11,8 +11,9 @@ checkpoint. ``OUT/compare.json`` records the comparison; running a different one
 folder is refused, so no report ever mixes two set-ups.
 
 Nothing here is specific to a task: ``--print-commands`` prints each pair's ``megarl train``
-command, which on a cluster becomes one Slurm job per pair through the launcher
-(docs/experiments.md).
+command, and ``--print-commands --sbatch slurm/<recipe>.sh`` one ``sbatch`` line per pair
+through the Slurm launcher; ``megarl report OUT`` then draws the comparison from the run
+directories (docs/experiments.md).
 """
 
 from __future__ import annotations
@@ -190,12 +191,17 @@ def run_comparison(comparison: Comparison, jobs: int = 1, *,
     return outcome
 
 
-def print_commands(comparison: Comparison) -> None:
-    """Each unfinished pair's command, one per line, with MEGARL_STOP_STATUS set: what a cluster
-    runs as one job per pair."""
+def print_commands(comparison: Comparison, sbatch: str | None = None) -> None:
+    """Each unfinished pair's command, one per line: ``megarl train`` with MEGARL_STOP_STATUS
+    set, or with `sbatch` a Slurm job script of ``slurm/`` (whose recipe is the base config)
+    submitted with the pair's overrides, one job per pair through the launcher (which requeues
+    and resumes each as it does any run)."""
     comparison.check()
     for pair in comparison.pairs():
         if comparison.finished(pair):
+            continue
+        if sbatch is not None:
+            print(shlex.join(["sbatch", sbatch, *comparison.pair_overrides(pair)]))
             continue
         status = shlex.quote(str(comparison.status_path(pair)))
         print(f"MEGARL_STOP_STATUS={status} " + shlex.join(comparison.command(pair)))

@@ -4,7 +4,8 @@ For every metric the single-run report draws (`megarl.report.FIGURES`: reward, e
 pass@k, entropy, KL to the old policy and to the reference, regions, clipping, gradient weights,
 gradient norm, and the per-loss extras such as UP's ``up/cap_*``), one PNG with one line per
 objective: the mean over its seeds at each step, and a band from the lowest to the highest seed.
-``OUT/report/summary.md`` is the table of final values, mean +- standard deviation over seeds:
+``OUT/report/summary.md`` is the table of final values (eval: avg@1 and the largest k of pass@k
+and maj@k), mean +- standard deviation over seeds:
 a training metric averaged over the last tenth of the steps, an eval metric at its last
 evaluation.
 
@@ -23,7 +24,7 @@ from megarl.report import FIGURES, matching, read_metrics
 
 # the columns of summary.md, in order (fnmatch patterns; a column shows when a run logs it)
 TABLE = ("reward/mean", "eval/mean/avg@1", "eval/mean/pass@*", "eval/mean/maj@*",
-         "reward/distinct_correct", "response/distinct_frac", "entropy/mean", "kl/ref_mean",
+         "reward/distinct_correct", "response/distinct_answers_frac", "entropy/mean", "kl/ref_mean",
          "kl/old_k3", "clip/frac", "up/cap_pos", "train/grad_norm", "response/length_mean")
 
 Runs = dict[str, dict[int, dict[int, dict[str, float]]]]  # loss -> seed -> step -> metrics
@@ -58,7 +59,7 @@ def summary_table(runs: Runs) -> str:
     """Markdown: one row per objective, final values as mean +- std over its seeds."""
     names = sorted({n for seeds in runs.values() for steps in seeds.values()
                     for values in steps.values() for n in values})
-    columns = matching(names, TABLE)
+    columns = _largest_k(matching(names, TABLE))
     header = ["objective", "seeds", "steps", *columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for loss, seeds in runs.items():
@@ -69,6 +70,21 @@ def summary_table(runs: Runs) -> str:
             cells.append(_mean_std(values))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _largest_k(columns: list[str]) -> list[str]:
+    """Of ``X@k`` columns only avg@1 and the largest k (pass@8, not pass@1 .. pass@8)."""
+
+    def split(column: str) -> tuple[str, int | None]:
+        stem, _, k = column.rpartition("@")
+        return (stem, int(k)) if stem and k.isdigit() else (column, None)
+
+    largest: dict[str, int] = {}
+    for stem, k in map(split, columns):
+        if k is not None:
+            largest[stem] = max(largest.get(stem, 0), k)
+    return [c for c in columns
+            if split(c)[1] in (None, largest.get(split(c)[0])) or c.endswith("avg@1")]
 
 
 def _mean_std(values: list[float]) -> str:
@@ -124,12 +140,12 @@ def write_comparison(out: Path) -> list[Path]:
                 drawn += 1
             if not drawn:
                 continue
-            ax.set_title(f"{spec.title}: {name} (mean, band = min..max over seeds)",
-                         fontsize="medium")
+            ax.set_title(f"{spec.title}: {name}", fontsize="medium")
             ax.set_xlabel("step")
             ax.set_ylabel(spec.ylabel)
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize="small")
+            ax.legend(fontsize="small", title="mean; band: min..max over seeds",
+                      title_fontsize="small")
             path = report / (re.sub(r"[^A-Za-z0-9@.]+", "_", name).strip("_") + ".png")
             fig.savefig(path, dpi=110)
             written.append(path)
@@ -142,9 +158,13 @@ def write_comparison(out: Path) -> list[Path]:
 
 
 def is_comparison(path: Path) -> bool:
-    """A folder `megarl compare` wrote (its manifest), rather than one run."""
+    """A folder of a comparison (its manifest, or ``<loss>/seed<k>`` runs and no run of its
+    own), rather than one run."""
     from megarl.compare import MANIFEST
 
-    return (Path(path) / MANIFEST).is_file()
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return True
+    return not (path / "metrics.jsonl").exists() and any(path.glob("*/seed*/metrics.jsonl"))
 
 

@@ -41,7 +41,7 @@ FIGURES: tuple[Figure, ...] = (
     Figure("Eval pass@k and maj@k", "eval_pass_maj.png", ("eval/*/pass@*", "eval/*/maj@*"),
            "accuracy"),
     Figure("Entropy", "entropy.png", ("entropy/mean", "actor/entropy*"), "nats / token"),
-    Figure("Distinct responses per prompt", "distinct.png", ("response/distinct_frac",),
+    Figure("Distinct answers per prompt", "distinct.png", ("response/distinct_answers_frac",),
            "fraction of the n samples"),
     Figure("Distinct correct answers per prompt", "distinct_correct.png",
            ("reward/distinct_correct",), "answers"),

@@ -82,16 +82,18 @@ def step_seed(seed: int, step: int, round_: int, group: int = 0) -> int:
     return (seed * 1_000_003 + step * 7919 + round_ * 104_729 + group * 15_485_863) % 2**62
 
 
-def diversity_metrics(groups: list[tuple[list[Rollout], list[float]]]) -> dict[str, float]:
-    """How varied each prompt's responses are: ``response/distinct_frac``, distinct responses
-    over responses, and ``reward/distinct_correct``, distinct responses with reward > 0.5 (the
-    number of different right answers found), both averaged over prompts."""
+def diversity_metrics(groups: list[tuple[list[str | None], list[float]]],
+                      ) -> dict[str, float]:  # fmt: skip
+    """How varied each prompt's answers are, from each response's extracted answer
+    (`Rewards.answer_of`: the toy tasks' leading number, the math reward's final answer):
+    ``response/distinct_answers_frac``, distinct answers over responses, and
+    ``reward/distinct_correct``, the number of different answers with reward > 0.5 (the right
+    answers found), both averaged over prompts."""
     distinct, correct = [], []
-    for rollouts, rewards in groups:
-        ids = [tuple(r.response_ids.tolist()) for r in rollouts]
-        distinct.append(len(set(ids)) / len(ids))
-        correct.append(len({i for i, w in zip(ids, rewards, strict=True) if w > 0.5}))
-    return {"response/distinct_frac": sum(distinct) / len(distinct),
+    for answers, rewards in groups:
+        distinct.append(len(set(answers)) / len(answers))
+        correct.append(len({a for a, w in zip(answers, rewards, strict=True) if w > 0.5}))
+    return {"response/distinct_answers_frac": sum(distinct) / len(distinct),
             "reward/distinct_correct": sum(correct) / len(correct)}
 
 
@@ -259,8 +261,8 @@ class Trainer:
         ``max_sampling_rounds`` rounds; the batch is then topped up with dropped groups)."""
         cfg, n = self.config, self.config.rollout.n_samples
         want = cfg.trainer.prompts_per_step
-        kept: list[tuple[list[Rollout], list[float]]] = []
-        dropped: list[tuple[list[Rollout], list[float]]] = []
+        kept: list[tuple[list[Rollout], list[float], list[str | None]]] = []
+        dropped: list[tuple[list[Rollout], list[float], list[str | None]]] = []
         metrics: dict[str, float] = {}
         rounds = cfg.algo.max_sampling_rounds if cfg.algo.dynamic_sampling else 1
         for round_ in range(rounds):
@@ -279,8 +281,10 @@ class Trainer:
             metrics |= reward_metrics
             if cfg.algo.overlong_buffer:
                 rewards = self._punish_overlong(rollouts, rewards, metrics)
+            extracted = [self.rewards.answer_of(t) for t in texts]  # the diversity metrics'
             for g in range(len(prompts)):
-                group = (rollouts[g * n:(g + 1) * n], rewards[g * n:(g + 1) * n])
+                span = slice(g * n, (g + 1) * n)
+                group = (rollouts[span], rewards[span], extracted[span])
                 informative = max(group[1]) > min(group[1])
                 (kept if informative or not cfg.algo.dynamic_sampling else dropped).append(group)
             if len(kept) >= want:
@@ -289,19 +293,19 @@ class Trainer:
         metrics["data/prompts_dropped"] = float(getattr(self.prompts, "num_dropped", 0))
         groups = (kept + dropped)[:want]
         batch = StepBatch(metrics=metrics)
-        for rollouts, rewards in groups:
+        for rollouts, rewards, _ in groups:
             batch.rollouts += rollouts
             batch.rewards += rewards
         lengths = torch.tensor([len(r.response_ids) for r in batch.rollouts], dtype=torch.float)
         rewards_t = torch.tensor(batch.rewards)
         batch.metrics |= {
             "reward/mean": float(rewards_t.mean()),
-            "reward/informative_groups": float(sum(max(r) > min(r) for _, r in groups)),
+            "reward/informative_groups": float(sum(max(r) > min(r) for _, r, _ in groups)),
             "response/length_mean": float(lengths.mean()),
             "response/length_max": float(lengths.max()),
             "response/truncated_frac": float(sum(r.finish_reason == "length"
                                                  for r in batch.rollouts) / len(batch.rollouts)),
-        } | diversity_metrics(groups)
+        } | diversity_metrics([(answers, rewards) for _, rewards, answers in groups])
         return batch
 
     def _punish_overlong(self, rollouts: list[Rollout], rewards: list[float],

@@ -36,6 +36,7 @@ SLOW = (
     "tests/unit/test_compare.py::test_another_comparison",
     "tests/unit/test_compare.py::test_print_commands",
     "tests/unit/test_compare.py::test_bad_comparisons",
+    "tests/unit/test_compare.py::test_a_folder_of_seed_runs",
     "tests/unit/test_trainer_math.py::",
     "tests/unit/test_reference_kl.py::",
     "tests/unit/test_finite_updates.py::test_a_non_finite_policy_is_caught",

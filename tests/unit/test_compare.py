@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,27 @@ def test_print_commands_gives_one_train_command_per_unfinished_pair(tmp_path: Pa
     assert all(" -m megarl train " in line and "MEGARL_STOP_STATUS=" in line for line in lines)
     assert "algo.loss=gspo trainer.seed=3" in lines[5]  # loss by loss, seed by seed
     assert not (tmp_path / "compare.json").exists()  # printing runs nothing, writes nothing
+    r = compare(tmp_path, "--losses", "gspo", "--seeds", "2", "--print-commands", "--sbatch",
+                "slurm/gspo_30b.sh")
+    assert r.returncode == 0, r.stderr
+    assert shlex.split(r.stdout.splitlines()[1]) == [
+        "sbatch", "slurm/gspo_30b.sh", *SHORT, "algo.loss=gspo", "trainer.seed=2",
+        f"logging.dir={tmp_path}/gspo", "logging.run_name=seed2"]
+
+
+def test_a_folder_of_seed_runs_reports_as_a_comparison(comparison, tmp_path: Path) -> None:
+    """Runs made elsewhere (one cluster job per pair) and copied here: no manifest needed."""
+    import shutil
+
+    out, _ = comparison
+    for loss in ("up_gspo", "grpo"):
+        shutil.copytree(out / loss / "seed1", tmp_path / loss / "seed1")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-m", "megarl", "report", str(tmp_path)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "report" / "summary.md").is_file()
+    assert "| up_gspo | 1 | 2 |" in (tmp_path / "report" / "summary.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -165,16 +187,7 @@ def test_digitsum_has_many_answers_and_grades_each() -> None:
 
 
 def test_diversity_metrics_count_distinct_and_distinct_correct() -> None:
-    import torch
-
-    from megarl.rollout.engine import Rollout
-
-    def rollout(ids: list[int]) -> Rollout:
-        return Rollout(prompt_ids=torch.tensor([1]), response_ids=torch.tensor(ids),
-                       logprobs=torch.zeros(len(ids)), finish_reason="stop")
-
-    groups = [([rollout([3]), rollout([3]), rollout([4]), rollout([5])], [1.0, 1.0, 1.0, 0.0]),
-              ([rollout([6]), rollout([6]), rollout([6]), rollout([6])], [0.0] * 4)]
+    groups = [(["3", "3", "4", None], [1.0, 1.0, 1.0, 0.0]), (["6"] * 4, [0.0] * 4)]
     m = diversity_metrics(groups)
-    assert m["response/distinct_frac"] == pytest.approx((3 / 4 + 1 / 4) / 2)
+    assert m["response/distinct_answers_frac"] == pytest.approx((3 / 4 + 1 / 4) / 2)
     assert m["reward/distinct_correct"] == pytest.approx((2 + 0) / 2)
