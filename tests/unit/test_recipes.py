@@ -277,7 +277,7 @@ def test_every_recipe_fits_the_gpus_it_names(path: Path) -> None:
     c = load_config(path)
     assert c.parallel.gpu_memory_gib == 79.1
     assert c.parallel.world_size is not None
-    if path.stem == "quickstart":
+    if path.stem in ("quickstart", "digitsum"):  # the CPU configs
         assert c.parallel.world_size == 1
     else:
         assert c.parallel.world_size % 8 == 0  # whole nodes of 8 GPUs
