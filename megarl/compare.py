@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from megarl.errors import UserError
@@ -117,10 +117,8 @@ class Comparison:
 
     def record(self) -> dict:
         """The manifest: what was compared, and how to run it again."""
-        data = asdict(self) | {"out": str(self.out)}
-        data["losses"], data["seeds"] = list(self.losses), list(self.seeds)
-        data["overrides"] = list(self.overrides)
-        return data
+        return {"config": self.config, "overrides": list(self.overrides),
+                "losses": list(self.losses), "seeds": list(self.seeds), "out": str(self.out)}
 
     def write_manifest(self) -> None:
         """``compare.json``, merged with an earlier one (the union of losses and seeds)."""

@@ -19,6 +19,7 @@ import re
 import statistics
 from pathlib import Path
 
+from megarl.compare import MANIFEST
 from megarl.errors import UserError
 from megarl.report import FIGURES, matching, read_metrics
 
@@ -44,6 +45,12 @@ def find_runs(out: Path) -> Runs:
     return runs
 
 
+def metric_names(runs: Runs) -> list[str]:
+    """Every metric any run logged, sorted."""
+    return sorted({n for seeds in runs.values() for steps in seeds.values()
+                   for values in steps.values() for n in values})
+
+
 def final_value(steps: dict[int, dict[str, float]], name: str) -> float | None:
     """An eval metric at its last evaluation; any other the mean of its last tenth of steps."""
     logged = [s for s in sorted(steps) if name in steps[s]]
@@ -57,9 +64,7 @@ def final_value(steps: dict[int, dict[str, float]], name: str) -> float | None:
 
 def summary_table(runs: Runs) -> str:
     """Markdown: one row per objective, final values as mean +- std over its seeds."""
-    names = sorted({n for seeds in runs.values() for steps in seeds.values()
-                    for values in steps.values() for n in values})
-    columns = _largest_k(matching(names, TABLE))
+    columns = _largest_k(matching(metric_names(runs), TABLE))
     header = ["objective", "seeds", "steps", *columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for loss, seeds in runs.items():
@@ -115,8 +120,7 @@ def write_comparison(out: Path) -> list[Path]:
 
     out = Path(out)
     runs = find_runs(out)
-    names = sorted({n for seeds in runs.values() for steps in seeds.values()
-                    for values in steps.values() for n in values})
+    names = metric_names(runs)
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -160,8 +164,6 @@ def write_comparison(out: Path) -> list[Path]:
 def is_comparison(path: Path) -> bool:
     """A folder of a comparison (its manifest, or ``<loss>/seed<k>`` runs and no run of its
     own), rather than one run."""
-    from megarl.compare import MANIFEST
-
     path = Path(path)
     if (path / MANIFEST).is_file():
         return True
