@@ -26,7 +26,7 @@ def build_tokenizer(config: Config) -> Any:
     import transformers
 
     try:
-        return transformers.AutoTokenizer.from_pretrained(name)
+        return transformers.AutoTokenizer.from_pretrained(str(Path(name).expanduser()))
     except OSError as e:
         raise UserError(f"model.tokenizer={name!r}: cannot load a tokenizer ({e})") from None
 
@@ -40,6 +40,13 @@ def build_prompt_source(config: Config, tokenizer: Any, source: str | None = Non
     source = source or config.data.train
     if is_toy(source):
         return ToySource(source, tokenizer, config.trainer.seed)
+    from megarl.data.gym import gym_source, is_gym
+
+    if is_gym(source):
+        return gym_source(source, tokenizer, config.data, split="test" if split == "test"
+                          else "train", seed=config.trainer.seed, template=config.data.template,
+                          max_prompt_len=config.rollout.max_prompt_len,
+                          limit=config.eval.max_problems, field=field)
     from megarl.data.prompts import PromptDataset
 
     return PromptDataset(source, tokenizer, split=split or config.data.split,
@@ -52,8 +59,9 @@ def build_prompt_source(config: Config, tokenizer: Any, source: str | None = Non
 
 
 class Rewards:
-    """``data.reward``: ``exact`` (the toy tasks' leading-number match) or ``math``
-    (math-verify on the last ``\\boxed{}``, in a process pool)."""
+    """``data.reward``: ``exact`` (the toy tasks' leading-number match), ``math``
+    (math-verify on the last ``\\boxed{}``, in a process pool) or ``reasoning_gym`` (the
+    task's own scorer, `megarl.data.gym`)."""
 
     def __init__(self, config: Config) -> None:
         self.kind = config.data.reward
@@ -67,6 +75,10 @@ class Rewards:
                  ) -> tuple[list[float], dict[str, float]]:  # fmt: skip
         if self._verifier is not None:
             return self._verifier.score(responses, answers)
+        if self.kind == "reasoning_gym":
+            from megarl.data.gym import gym_rewards
+
+            return gym_rewards(responses, answers)
         return [toy_reward(r, a) for r, a in zip(responses, answers, strict=True)], {}
 
     def answer_of(self, response: str) -> str | None:
@@ -78,6 +90,10 @@ class Rewards:
 
             answer = final_answer(response)
             return None if answer is None else " ".join(answer.split())
+        if self.kind == "reasoning_gym":
+            from megarl.data.gym import extract_answer
+
+            return extract_answer(response)
         return leading_answer(response)
 
     def close(self) -> None:
@@ -190,7 +206,8 @@ def check_paths(config: Config, *, evaluation: bool = False,
         _check_data(config.data.train, "data.train")
     if evaluation or config.trainer.eval_every:
         for entry in config.data.eval:
-            _check_data(entry if is_toy(entry) else split_source(entry)[0], "data.eval")
+            _check_data(entry if is_toy(entry) or entry.startswith("reasoning_gym:")
+                        else split_source(entry)[0], "data.eval")
     if not evaluation:
         _check_resume(config.checkpoint.resume)
 
@@ -251,6 +268,10 @@ def _check_tokenizer(config: Config) -> None:
 def _check_data(source: str, field: str) -> None:
     if is_toy(source):
         toy_task(source, field)
+    elif source.startswith("reasoning_gym:"):
+        from megarl.data.gym import gym_task
+
+        gym_task(source, field)
     else:
         check_source(source, field)
 

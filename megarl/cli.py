@@ -194,8 +194,10 @@ def _evaluate(config: Any, checkpoint: str | None, json_path: str | None,
         console = Console()
         console.print(f"{checkpoint or config.model.name_or_path or 'model'}: "
                       f"{config.eval.k} samples per problem (%)")
+        columns = next(iter(summary.values()))
         for family in FAMILIES:
-            console.print(format_table(summary, title=f"{family}@k", family=family))
+            if any(name.startswith(f"{family}@") for name in columns):
+                console.print(format_table(summary, title=f"{family}@k", family=family))
         if json_path:
             Path(json_path).write_text(json.dumps(summary, indent=2) + "\n")
         if samples_path:

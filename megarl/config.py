@@ -82,6 +82,11 @@ class ModelConfig:
     logprob_kernel: Literal["torch", "triton", "auto"] = "torch"
 
     def check(self) -> None:
+        # "~/..." paths (a cache folder) mean the same to every reader: transformers, vLLM
+        for name in ("name_or_path", "tokenizer"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, name, str(Path(value).expanduser()))
         if self.name_or_path is None and not self.hf_config:
             raise ConfigError(
                 "model.name_or_path", None, "give an HF name/path or an inline model.hf_config"
@@ -264,8 +269,16 @@ class DataConfig:
     answer_key: str | None = None
     instruction: str | None = None  # appended to each prompt; None = the format's default
     template: Literal["chat", "plain"] = "chat"
-    reward: Literal["math", "exact"] = "math"
+    # math: math-verify on the last \boxed{}; exact: the toy tasks' leading number;
+    # reasoning_gym: a reasoning_gym:<task>'s own scorer (megarl/data/gym.py)
+    reward: Literal["math", "exact", "reasoning_gym"] = "math"
     reward_workers: int = 4
+    # reasoning_gym:<task> sources: each task's generator options, e.g.
+    # {chain_sum: {min_terms: 2, max_terms: 2}}; the held-out split is the questions whose hash
+    # falls below held_out_fraction (never trained on), drawn with reasoning_gym_seed
+    reasoning_gym: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reasoning_gym_seed: int = 0
+    held_out_fraction: float = 0.1
     shuffle: bool = True
     # Keep only the data.train rows whose column (a dotted key reaches a nested one) holds one of
     # the listed values, e.g. MATH levels 3-5: {level: [Level 3, Level 4, Level 5]}; {} keeps
@@ -280,9 +293,25 @@ class DataConfig:
             if not column or not values:
                 raise ConfigError(f"data.train_filter.{column}", values,
                                   "list the values to keep (at least one)")
-        if self.train_filter and self.train.startswith("toy:"):
+        if self.train_filter and self.train.startswith(("toy:", "reasoning_gym:")):
             raise ConfigError("data.train_filter", self.train_filter,
-                              f"filters dataset rows; the toy task {self.train} has none")
+                              f"filters dataset rows; the generated task {self.train} has none")
+        if not 0 < self.held_out_fraction < 1:
+            raise ConfigError("data.held_out_fraction", self.held_out_fraction,
+                              "must be in (0, 1): the share of questions held out for eval")
+        if self.reasoning_gym_seed < 0:
+            raise ConfigError("data.reasoning_gym_seed", self.reasoning_gym_seed,
+                              "must be an int >= 0")
+        for task, options in self.reasoning_gym.items():
+            if not isinstance(options, dict):
+                raise ConfigError(f"data.reasoning_gym.{task}", options,
+                                  "must be a mapping of the generator's options")
+        if self.reward == "reasoning_gym":
+            for name, source in [("data.train", self.train)] + [
+                    ("data.eval", e) for e in self.eval]:  # fmt: skip
+                if not source.startswith("reasoning_gym:"):
+                    raise ConfigError(name, source, "data.reward=reasoning_gym scores "
+                                      "reasoning_gym:<task> data only; use data.reward=math")
 
 
 @dataclass

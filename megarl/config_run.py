@@ -85,6 +85,9 @@ class EvalConfig:
     top_p: float | None = None
     max_response_len: int | None = None
     max_problems: int | None = None  # the first N problems of each benchmark; toy tasks: 64
+    # also decode every problem once greedily: greedy@1, the accuracy papers report for small
+    # models and the one an exported checkpoint must reproduce exactly
+    greedy: bool = False
 
     def check(self) -> None:
         positive("eval.k", self.k)

@@ -93,6 +93,10 @@ class ProblemResult:
     index: int
     answers: tuple[str | None, ...]
     correct: tuple[bool, ...]
+    # the greedy decode (``eval.greedy``): its response text, answer and correctness
+    greedy_response: str | None = None
+    greedy_answer: str | None = None
+    greedy_correct: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "answers", tuple(self.answers))
@@ -151,10 +155,13 @@ def summarise(results: Sequence[ProblemResult],
             row[f"pass@{k}"] = _mean(pass_at_k(p.n, p.c, k) for p in problems)
         for k in ks:
             row[f"maj@{k}"] = _mean(maj_at_k(p.answers[:k], p.correct[:k]) for p in problems)
+        if all(p.greedy_correct is not None for p in problems):
+            row["greedy@1"] = _mean(float(bool(p.greedy_correct)) for p in problems)
         summary[bench] = row
 
     rows = list(summary.values())
-    mean_row = {name: _mean(r[name] for r in rows) for name in rows[0]}
+    names = [n for n in rows[0] if all(n in r for r in rows)]
+    mean_row = {name: _mean(r[name] for r in rows) for name in names}
     mean_row[PROBLEMS] = float(sum(r[PROBLEMS] for r in rows))
     summary[MEAN_ROW] = mean_row
     return summary
@@ -171,7 +178,7 @@ def _mean(values: Iterable[float]) -> float:
     return math.fsum(values) / len(values)
 
 
-FAMILIES = ("avg", "pass", "maj")
+FAMILIES = ("avg", "pass", "maj", "greedy")
 
 
 def _cells(summary: dict[str, dict[str, float]],
@@ -185,7 +192,8 @@ def _cells(summary: dict[str, dict[str, float]],
     names = [n for n in next(iter(summary.values()))
              if n != PROBLEMS and (family is None or n.startswith(f"{family}@"))]
     header = ["benchmark", PROBLEMS, *names]
-    rows = [[bench, str(int(row.get(PROBLEMS, 0))), *(f"{100 * row[n]:.1f}" for n in names)]
+    rows = [[bench, str(int(row.get(PROBLEMS, 0))),
+             *(f"{100 * row[n]:.1f}" if n in row else "-" for n in names)]
             for bench, row in summary.items()]
     return header, rows
 

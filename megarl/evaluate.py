@@ -8,6 +8,7 @@ seeded per benchmark and engine group, so an evaluation is repeatable.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,12 @@ def load_benchmark(config: Config, tokenizer: Any, entry: str) -> Benchmark:
     if is_toy(entry):
         source = ToySource(entry, tokenizer, config.trainer.seed + EVAL_SEED_OFFSET)
         return Benchmark(entry, source.next_batch(limit or TOY_PROBLEMS))
+    from megarl.data.gym import is_gym
+
+    if is_gym(entry):  # the held-out split, eval.max_problems distinct problems
+        dataset = build_prompt_source(config, tokenizer, source=entry, split="test",
+                                      field="data.eval")
+        return Benchmark(entry, list(dataset))
     source, split = split_source(entry)
     dataset = build_prompt_source(config, tokenizer, source=source, split=split,
                                   shuffle=False, field="data.eval")
@@ -71,23 +78,34 @@ class Evaluator:
             seed=(self.config.trainer.seed * 7919 + benchmark * 104_729 + group) % 2**62)
 
     def results(self, engine: RolloutEngine) -> list[ProblemResult]:
-        """Every problem's ``eval.k`` answers and their grades (collective over the job)."""
+        """Every problem's ``eval.k`` answers and their grades, and with ``eval.greedy`` its
+        greedy decode (collective over the job)."""
         k = self.config.eval.k
         out: list[ProblemResult] = []
         for b, bench in enumerate(self.benchmarks):
-            prompts = [p.prompt_ids for p in bench.prompts for _ in range(k)]
-            rollouts = generate_across_groups(
-                engine, prompts, lambda g, b=b: self.sampling(b, g), rank=self.rank,
-                world=self.world, tp=self.config.rollout.tp)
-            texts = [self.tokenizer.decode(r.response_ids.tolist()) for r in rollouts]
-            golds = [p.answer for p in bench.prompts for _ in range(k)]
-            rewards, _ = self.rewards(texts, golds)
-            answers = [self.rewards.answer_of(t) for t in texts]
+            texts, answers, correct = self._graded(engine, bench, k, lambda g, b=b:
+                                                   self.sampling(b, g))
+            greedy: tuple[list[Any], ...] = ([None] * len(bench.prompts),) * 3
+            if self.config.eval.greedy:
+                greedy = self._graded(engine, bench, 1, lambda g, b=b: dataclasses.replace(
+                    self.sampling(b, g), temperature=0.0, top_p=1.0, top_k=-1))
             for i, p in enumerate(bench.prompts):
                 span = slice(i * k, (i + 1) * k)
                 out.append(ProblemResult(bench.name, int(p.index), tuple(answers[span]),
-                                         tuple(r > 0.5 for r in rewards[span])))
+                                         tuple(correct[span]), greedy[0][i], greedy[1][i],
+                                         greedy[2][i]))
         return out
+
+    def _graded(self, engine: RolloutEngine, bench: Benchmark, k: int, sampling: Any,
+                ) -> tuple[list[str], list[str | None], list[bool]]:  # fmt: skip
+        """``k`` responses per problem: texts, extracted answers, correctness (reward > 0.5)."""
+        prompts = [p.prompt_ids for p in bench.prompts for _ in range(k)]
+        rollouts = generate_across_groups(engine, prompts, sampling, rank=self.rank,
+                                          world=self.world, tp=self.config.rollout.tp)
+        texts = [self.tokenizer.decode(r.response_ids.tolist()) for r in rollouts]
+        golds = [p.answer for p in bench.prompts for _ in range(k)]
+        rewards, _ = self.rewards(texts, golds)
+        return texts, [self.rewards.answer_of(t) for t in texts], [r > 0.5 for r in rewards]
 
     def run(self, engine: RolloutEngine) -> dict[str, dict[str, float]]:
         return summarise(self.results(engine), self.config.eval.reported_ks())

@@ -186,13 +186,7 @@ class PromptDataset:
 
     def render(self, text: str) -> str:
         """The prompt text the policy sees: instruction appended, chat template applied."""
-        if self.instruction:
-            text = f"{text}\n{self.instruction}"
-        if self.template == "plain":
-            return text
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-        )
+        return render_prompt(self.tokenizer, self.template, self.instruction, text)
 
     # ---- resumption ----------------------------------------------------------------------
 
@@ -226,9 +220,7 @@ class PromptDataset:
                             f"{self.source}: {e}") from None
 
     def _tokenise(self, texts: list[str]) -> list[list[int]]:
-        # A chat template writes its own special tokens (apply_chat_template does the same).
-        special = self.template == "plain"
-        return self.tokenizer(texts, add_special_tokens=special)["input_ids"]
+        return tokenise(self.tokenizer, self.template, texts)
 
     def _count_tokens(self) -> np.ndarray:
         """Token counts of every row; also checks every gold answer, so bad rows fail now."""
@@ -241,6 +233,24 @@ class PromptDataset:
             texts = [self.render(self._prompt(row)) for row in rows]
             counts += [len(ids) for ids in self._tokenise(texts)]
         return np.asarray(counts, dtype=np.int32)
+
+
+def render_prompt(tokenizer: Any, template: str, instruction: str | None, text: str) -> str:
+    """The prompt text the policy sees: ``instruction`` appended on a new line, then the
+    tokenizer's chat template with the generation prompt (``template="chat"``) or nothing."""
+    if instruction:
+        text = f"{text}\n{instruction}"
+    if template == "plain":
+        return text
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def tokenise(tokenizer: Any, template: str, texts: list[str]) -> list[list[int]]:
+    """Token ids of rendered prompts: a chat template writes its own special tokens (as
+    apply_chat_template does), plain text gets the tokenizer's (BOS)."""
+    return tokenizer(texts, add_special_tokens=template == "plain")["input_ids"]
 
 
 # --------------------------------------------------------------------------------------------

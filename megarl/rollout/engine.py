@@ -23,7 +23,8 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """What vLLM's ``SamplingParams`` calls the same names; ``top_k <= 0`` means no top-k."""
+    """What vLLM's ``SamplingParams`` calls the same names; ``top_k <= 0`` means no top-k;
+    ``temperature=0`` is greedy decoding (evaluation; its log-probs are at temperature 1)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -34,8 +35,9 @@ class SamplingParams:
     seed: int | None = None
 
     def check(self) -> None:
-        if not self.temperature > 0:
-            raise ConfigError("rollout.temperature", self.temperature, "must be > 0")
+        if not self.temperature >= 0:
+            raise ConfigError("rollout.temperature", self.temperature,
+                              "must be > 0 (0: greedy, for evaluation)")
         if not 0 < self.top_p <= 1:
             raise ConfigError("rollout.top_p", self.top_p, "must be in (0, 1]")
         if self.max_tokens < 1:

@@ -182,11 +182,15 @@ def _is_router(module: Any) -> bool:
 
 
 def _sample(logits: Tensor, sampling: SamplingParams, generator: torch.Generator):
-    """Sampled token ids and their log-probs under the temperature (before top-k / top-p)."""
-    logp = torch.log_softmax(logits.float() / sampling.temperature, dim=-1)
+    """Sampled token ids and their log-probs under the temperature (before top-k / top-p);
+    temperature 0: the most likely token (the first on a tie), log-prob at temperature 1."""
+    logp = torch.log_softmax(logits.float() / (sampling.temperature or 1.0), dim=-1)
     if torch.isnan(logp).any() or not torch.isfinite(logp.max(dim=-1).values).all():
         raise NonFiniteRollout("the policy's next-token logits are not finite (NaN or "
                                "infinite) before sampling")
+    if sampling.temperature == 0:
+        token = logp.argmax(dim=-1)
+        return token, logp.gather(-1, token[:, None])[:, 0]
     keep = torch.ones_like(logp, dtype=torch.bool)
     if 0 < sampling.top_k < logp.shape[-1]:
         kth = logp.topk(sampling.top_k, dim=-1).values[..., -1:]
