@@ -204,7 +204,7 @@ def check_paths(config: Config, *, evaluation: bool = False,
     _check_tokenizer(config)
     if not evaluation:
         _check_data(config.data.train, "data.train")
-    if evaluation or config.trainer.eval_every:
+    if evaluation or config.trainer.eval_every or config.trainer.eval_before_train:
         for entry in config.data.eval:
             _check_data(entry if is_toy(entry) or entry.startswith("reasoning_gym:")
                         else split_source(entry)[0], "data.eval")

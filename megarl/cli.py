@@ -178,13 +178,12 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _evaluate(config: Any, checkpoint: str | None, json_path: str | None,
               samples_path: str | None) -> int:  # fmt: skip
-    import dataclasses
     import json
 
     import torch.distributed as dist
 
     from megarl.eval_metrics import FAMILIES, format_table, summarise
-    from megarl.evaluate import evaluate_checkpoint
+    from megarl.evaluate import evaluate_checkpoint, write_results
 
     results = evaluate_checkpoint(config, checkpoint)
     summary = summarise(results, config.eval.reported_ks())
@@ -201,8 +200,7 @@ def _evaluate(config: Any, checkpoint: str | None, json_path: str | None,
         if json_path:
             Path(json_path).write_text(json.dumps(summary, indent=2) + "\n")
         if samples_path:
-            Path(samples_path).write_text("".join(json.dumps(dataclasses.asdict(r)) + "\n"
-                                                  for r in results))
+            write_results(results, samples_path)
     return 0
 
 

@@ -367,6 +367,9 @@ class Config:
             raise ConfigError("trainer.eval_every", self.trainer.eval_every,
                               "evaluates data.eval, which is empty: name benchmarks in data.eval "
                               "or set trainer.eval_every=0")
+        if self.trainer.eval_before_train and not self.data.eval:
+            raise ConfigError("trainer.eval_before_train", True, "evaluates data.eval, which is "
+                              "empty: name benchmarks in data.eval or set it to false")
         if self.algo.overlong_buffer > self.rollout.max_response_len:
             raise ConfigError("algo.overlong_buffer", self.algo.overlong_buffer,
                               f"must be <= rollout.max_response_len="

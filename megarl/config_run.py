@@ -38,6 +38,9 @@ class TrainerConfig:
     grad_clip: float = 1.0
     seed: int = 42
     eval_every: int = 0  # 0 = never
+    # evaluate once before the first step of a fresh run, logged as step 0 (verl's
+    # val_before_train): the base model's accuracy from the same code, engine and settings
+    eval_before_train: bool = False
     # updates in a row that may be skipped (non-finite gradients) or undone (a non-finite
     # policy after the update) before the run stops (megarl/megatron/update_guard.py)
     max_bad_updates: int = 3

@@ -252,7 +252,7 @@ class ProgressSink:
         summary = "  ".join(f"{label} {_fmt(metrics[name])}" for name, label in self.KEYS
                             if name in metrics)
         evals = [f"{name.removeprefix('eval/')} {_fmt(v)}" for name, v in metrics.items()
-                 if name.startswith("eval/mean/avg@")]
+                 if name.startswith(("eval/mean/avg@", "eval/mean/greedy@"))]
         self.progress.update(self.task, completed=step, summary="  ".join([summary, *evals]))
 
     def close(self) -> None:
@@ -372,7 +372,7 @@ def make_sinks(
             sinks.append(ConsoleSink())
         elif name == "progress":
             total = int((config_dict or {}).get("trainer", {}).get("steps", 0)) or None
-            sinks.append(ProgressSink(total, start=resume_step or 0))
+            sinks.append(ProgressSink(total, start=max(resume_step or 0, 0)))
         elif name == "jsonl":
             sinks.append(JsonlSink(run_dir / "metrics.jsonl", resume_step))
         elif name == "tensorboard":

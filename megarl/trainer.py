@@ -34,8 +34,8 @@ from megarl.config import Config
 from megarl.data.rewards import overlong_penalty
 from megarl.data.toy import is_toy
 from megarl.errors import RunStopped
-from megarl.eval_metrics import flatten
-from megarl.evaluate import Evaluator
+from megarl.eval_metrics import flatten, summarise
+from megarl.evaluate import Evaluator, write_results
 from megarl.losses.objective import Objective
 from megarl.metrics import combine_updates, log_to_sinks, make_sinks
 from megarl.policy_io import StepResult, TrainSample
@@ -130,12 +130,15 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.run_dir / "config.yaml")
         self.evaluator: Evaluator | None = None
-        if config.trainer.eval_every:
+        if config.trainer.eval_every or config.trainer.eval_before_train:
             self.evaluator = Evaluator(config, self.tokenizer, self.rewards, rank=self.rank,
                                        world=self.world)
         # a run starting at step S (0 when fresh) drops what an earlier attempt logged after S
+        # (a fresh run that evaluates first logs a step 0: an earlier attempt's is dropped too)
+        self.evaluates_first = self.evaluator is not None and \
+            config.trainer.eval_before_train and self.step == 0
         self.sinks = make_sinks(config.logging, self.run_dir, config.to_dict(),
-                                resume_step=self.step)
+                                resume_step=-1 if self.evaluates_first else self.step)
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -148,10 +151,12 @@ class Trainer:
         stops = StopRequests(t.stop_grace_s)
         stops.install()  # USR1 / TERM: finish this step, checkpoint, stop (docs/slurm.md)
         try:
+            if self.evaluates_first:
+                log_to_sinks(self.sinks, 0, self.evaluate())
             while self.step < t.steps:
                 metrics = self.train_step(objective)
                 self.step += 1
-                if self.evaluator is not None and self.step % t.eval_every == 0:
+                if t.eval_every and self.step % t.eval_every == 0:
                     metrics |= self.evaluate()
                 history.append(metrics)
                 log_to_sinks(self.sinks, self.step, metrics)
@@ -248,9 +253,13 @@ class Trainer:
             f"trainer.lr (now {self.config.trainer.lr:g}) or raise trainer.max_bad_updates")
 
     def evaluate(self) -> dict[str, float]:
-        """``data.eval`` on the engine the step just synced: ``eval/<bench>/<metric>``."""
+        """``data.eval`` on the engine the step just synced: ``eval/<bench>/<metric>``, and
+        every problem's answers in ``<run dir>/eval/step_N.jsonl``."""
         start = time.perf_counter()
-        metrics = flatten(self.evaluator.run(self.engine))
+        results = self.evaluator.results(self.engine)
+        if self.rank == 0:  # every problem's answers: <run dir>/eval/step_N.jsonl
+            write_results(results, self.run_dir / "eval" / f"step_{self.step:06d}.jsonl")
+        metrics = flatten(summarise(results, self.config.eval.reported_ks()))
         return metrics | {"time/eval": time.perf_counter() - start}
 
     # ---- phases -------------------------------------------------------------------------------

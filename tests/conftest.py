@@ -1,6 +1,8 @@
 """Shared test setup: marked tests skip, with the reason shown, where their engine is absent.
 
 - ``@pytest.mark.gpu``: no CUDA device visible.
+- ``@pytest.mark.real_model``: SmolLM2-135M-Instruct is not built (``.venv/bin/python
+  tools/fetch_smollm2.py``; the `smollm2` fixture gives its folder).
 - ``@pytest.mark.vllm``: vLLM does not import here (build .venv-vllm with
   ``bash scripts/setup-vllm-cpu.sh`` and run ``.venv-vllm/bin/python -m pytest -m vllm``).
 
@@ -61,6 +63,22 @@ SLOW = (
 )
 
 
+def _fetch_tool():
+    """tools/fetch_smollm2.py as a module: where the real model's folder is, and whether it is
+    complete (one definition, the tool's)."""
+    spec = importlib.util.spec_from_file_location(
+        "fetch_smollm2", Path(__file__).resolve().parents[1] / "tools" / "fetch_smollm2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The SmolLM2-135M-Instruct HF folder (tests marked ``real_model`` skip without it)."""
+    return _fetch_tool().DEFAULT_OUT
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """With ``MEGARL_TIER_REPORT=1``: name the megarl modules this run never imported."""
     if os.environ.get("MEGARL_TIER_REPORT") != "1":
@@ -84,6 +102,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             skip = pytest.mark.skip(reason="gpu test: no CUDA device visible")
             for item in items:
                 if item.get_closest_marker("gpu"):
+                    item.add_marker(skip)
+    if any(item.get_closest_marker("real_model") for item in items):
+        tool = _fetch_tool()
+        if not tool.is_complete(tool.DEFAULT_OUT):
+            skip = pytest.mark.skip(reason=f"real_model test: no SmolLM2 at {tool.DEFAULT_OUT} "
+                                    "(.venv/bin/python tools/fetch_smollm2.py)")
+            for item in items:
+                if item.get_closest_marker("real_model"):
                     item.add_marker(skip)
     if importlib.util.find_spec("vllm") is None:
         skip = pytest.mark.skip(reason="vllm test: vLLM is not importable here (bash "

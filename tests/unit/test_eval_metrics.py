@@ -153,6 +153,19 @@ def test_summarise_rejects_bad_input() -> None:
         problem(MEAN_ROW, 0, ["1"], [True])
 
 
+def test_greedy_at_1_is_the_greedy_decode_accuracy() -> None:
+    results = [ProblemResult("a", 0, ("1", "2"), (True, False), "1<eos>", "1", True),
+               ProblemResult("a", 1, ("3", "3"), (False, False), "4", "4", False),
+               ProblemResult("b", 0, ("5", "5"), (True, True), "5", "5", True)]
+    s = summarise(results, ks=[1, 2])
+    assert s["a"]["greedy@1"] == 0.5 and s["b"]["greedy@1"] == 1.0
+    assert s[MEAN_ROW]["greedy@1"] == 0.75  # unweighted over benchmarks
+    assert format_text(s, family="greedy").splitlines()[0].split() == [
+        "benchmark", "problems", "greedy@1"]
+    # without greedy decodes (eval.greedy off) there is no column
+    assert "greedy@1" not in summarise([problem("a", 0, ["1"], [True])], ks=[1])["a"]
+
+
 def test_tables_render() -> None:
     results = [problem("aime24", 0, ["1", "2"], [True, False]),
                problem("math500", 0, ["3", "3"], [True, True])]

@@ -106,3 +106,19 @@ def test_update_weights_round_trip_and_unknown_name(engine: HFEngine) -> None:
         clone.update_weights([("model.layers.0.mlp.experts.9.up.weight", torch.zeros(1))])
     with pytest.raises(UserError, match="model.norm.weight has shape"):
         clone.update_weights([("model.norm.weight", torch.zeros(3))])
+
+
+def test_temperature_zero_is_greedy_whatever_the_seed(engine: HFEngine) -> None:
+    """Evaluation's greedy decode (``eval.greedy``): the argmax chain of a full forward, the
+    same for every seed, with log-probs at temperature 1."""
+    runs = [engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=8, seed=s,
+                                                    ignore_eos=True)) for s in (0, 7)]
+    for a, b in zip(*(r.rollouts for r in runs), strict=True):
+        assert torch.equal(a.response_ids, b.response_ids)
+        _, logits = full_forward(engine.model, a.token_ids)
+        p = len(a.prompt_ids)
+        assert torch.equal(logits[p - 1:-1].argmax(-1), a.response_ids)
+        expected = torch.log_softmax(logits[p - 1:-1], -1).gather(-1, a.response_ids[:, None])
+        torch.testing.assert_close(a.logprobs, expected[:, 0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(Exception, match="rollout.temperature"):
+        SamplingParams(temperature=-1.0).check()
