@@ -182,8 +182,8 @@ def _evaluate(config: Any, checkpoint: str | None, json_path: str | None,
 
     import torch.distributed as dist
 
-    from megarl.eval_metrics import FAMILIES, format_table, summarise
-    from megarl.evaluate import evaluate_checkpoint, write_results
+    from megarl.eval_metrics import FAMILIES, format_table, summarise, write_results
+    from megarl.evaluate import evaluate_checkpoint
 
     results = evaluate_checkpoint(config, checkpoint)
     summary = summarise(results, config.eval.reported_ks())

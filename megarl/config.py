@@ -293,9 +293,10 @@ class DataConfig:
             if not column or not values:
                 raise ConfigError(f"data.train_filter.{column}", values,
                                   "list the values to keep (at least one)")
-        if self.train_filter and self.train.startswith(("toy:", "reasoning_gym:")):
+        if self.train_filter and self.train.startswith(("toy:", "reasoning_gym:")):  # generated
             raise ConfigError("data.train_filter", self.train_filter,
-                              f"filters dataset rows; the generated task {self.train} has none")
+                              f"filters dataset rows; the {self.train.split(':')[0]} task "
+                              f"{self.train} has none")
         if not 0 < self.held_out_fraction < 1:
             raise ConfigError("data.held_out_fraction", self.held_out_fraction,
                               "must be in (0, 1): the share of questions held out for eval")

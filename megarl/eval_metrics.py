@@ -16,11 +16,15 @@ Pure Python (no torch), so it can run anywhere the results are.
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import math
+import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from megarl.errors import UserError
@@ -165,6 +169,21 @@ def summarise(results: Sequence[ProblemResult],
     mean_row[PROBLEMS] = float(sum(r[PROBLEMS] for r in rows))
     summary[MEAN_ROW] = mean_row
     return summary
+
+
+def write_results(results: list[ProblemResult], path: str | Path) -> Path:
+    """Every problem's answers (and greedy response), one JSON line each, written whole or not
+    at all: ``megarl eval --samples`` and a run's ``eval/step_N.jsonl``, the record an exported
+    checkpoint is checked against (tools/check_export.py)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(dataclasses.asdict(r)) + "\n" for r in results)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    return path
 
 
 def flatten(summary: dict[str, dict[str, float]], prefix: str = "eval") -> dict[str, float]:

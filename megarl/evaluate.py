@@ -111,24 +111,6 @@ class Evaluator:
         return summarise(self.results(engine), self.config.eval.reported_ks())
 
 
-def write_results(results: list[ProblemResult], path: str | Path) -> Path:
-    """Every problem's answers (and greedy response), one JSON line each, written whole or not
-    at all: ``megarl eval --samples`` and a run's ``eval/step_N.jsonl``, the record an exported
-    checkpoint is checked against (tools/check_export.py)."""
-    import json
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(dataclasses.asdict(r)) + "\n" for r in results)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
-    return path
-
-
 def evaluate_checkpoint(config: Config, checkpoint: str | Path | None) -> list[ProblemResult]:
     """``megarl eval``: load the policy (a megarl ``step_*`` checkpoint or run directory, an HF
     checkpoint directory, or ``model.name_or_path`` when None), sync it into the engine and

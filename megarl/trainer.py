@@ -34,8 +34,8 @@ from megarl.config import Config
 from megarl.data.rewards import overlong_penalty
 from megarl.data.toy import is_toy
 from megarl.errors import RunStopped
-from megarl.eval_metrics import flatten, summarise
-from megarl.evaluate import Evaluator, write_results
+from megarl.eval_metrics import flatten, summarise, write_results
+from megarl.evaluate import Evaluator
 from megarl.losses.objective import Objective
 from megarl.metrics import combine_updates, log_to_sinks, make_sinks
 from megarl.policy_io import StepResult, TrainSample

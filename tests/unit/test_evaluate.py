@@ -45,7 +45,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("eval")
     r = megarl("train", QUICKSTART, f"logging.dir={root}", "logging.run_name=run",
                "logging.sinks=[jsonl]", "trainer.steps=4", "trainer.eval_every=2",
-               "eval.k=4", "checkpoint.save_hf=true", *EVAL)
+               "trainer.eval_before_train=true", "eval.greedy=true", "eval.k=4",
+               "checkpoint.save_hf=true", *EVAL)
     assert r.returncode == 0, r.stderr[-3000:]
     return root / "run"
 
@@ -53,10 +54,33 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_training_evaluates_every_n_steps(run: Path) -> None:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evaluated = [r["step"] for r in records if "eval/toy:arithmetic/pass@4" in r]
-    assert evaluated == [2, 4]
+    assert evaluated == [0, 2, 4]  # step 0: trainer.eval_before_train, the initial policy
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
     last = records[-1]
     assert last["eval/toy:arithmetic/problems"] == 12
     assert 0 <= last["eval/mean/avg@4"] <= last["eval/mean/pass@4"] <= 1
+    # every evaluation's answers, per problem, with the greedy decode (eval.greedy)
+    assert sorted(p.name for p in (run / "eval").iterdir()) == [
+        "step_000000.jsonl", "step_000002.jsonl", "step_000004.jsonl"]
+    for step in (0, 4):
+        problems = [json.loads(line) for line in
+                    (run / "eval" / f"step_{step:06d}.jsonl").read_text().splitlines()]
+        assert len(problems) == 12 and all(len(p["answers"]) == 4 for p in problems)
+        greedy = sum(p["greedy_correct"] for p in problems) / 12
+        assert records[step if step == 0 else -1]["eval/mean/greedy@1"] == pytest.approx(greedy)
+        assert all(isinstance(p["greedy_response"], str) for p in problems)
+
+
+def test_a_restarted_run_that_evaluates_first_logs_step_0_once(tmp_path: Path) -> None:
+    args = ("train", QUICKSTART, f"logging.dir={tmp_path}", "logging.run_name=run",
+            "logging.sinks=[jsonl]", "trainer.steps=1", "trainer.eval_before_train=true",
+            "checkpoint.save_every=0", "checkpoint.resume=never", *EVAL)
+    for _ in range(2):
+        r = megarl(*args)
+        assert r.returncode == 0, r.stderr[-3000:]
+    steps = [json.loads(line)["step"]
+             for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1]
 
 
 def test_eval_on_a_checkpoint_prints_tables_and_pass_at_k_is_exact(run: Path,

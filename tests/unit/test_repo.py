@@ -80,6 +80,22 @@ def test_ci_starts_the_slurm_cluster_before_the_tests_and_stops_it() -> None:
     assert os.access(ROOT / "scripts" / "slurm-cluster.sh", os.X_OK)
 
 
+def test_ci_builds_the_real_model_before_the_tests() -> None:
+    """README's real-model example: CI builds SmolLM2's folder (its first command) before the
+    tests, so the tests marked real_model never skip there, and runs the vLLM one in
+    .venv-vllm."""
+    fetch, train = readme_commands("### A real model learns")
+    assert fetch == ".venv/bin/python tools/fetch_smollm2.py"
+    assert train == ".venv/bin/megarl train examples/configs/smollm2_arith.yaml"
+    lines = [ln.split("#")[0].strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
+    lines = [ln for ln in lines if ln]
+    _, _, all_tests = quick_start_commands()
+    assert lines.index(fetch) < lines.index(all_tests)
+    vllm_tests = next(ln for ln in lines if ln.startswith(".venv-vllm/bin/python -m pytest"))
+    assert lines.index(fetch) < lines.index(vllm_tests)
+    assert "tests/real_model" in vllm_tests.split()
+
+
 def test_setup_scripts_pass_shellcheck() -> None:
     import shutil
     import subprocess
