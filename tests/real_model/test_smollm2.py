@@ -54,7 +54,6 @@ def train_and_check(tmp: Path, smollm2: Path, engine: str) -> None:
         assert r["reward/no_answer"] < 0.5, r
         assert r["response/length_mean"] > 3
         assert r["rollout/logp_abs_diff_max"] < 1e-3, r
-        assert r["count/tokens"] > 8 * 40  # the chat template's prompt: dozens of tokens each
     for r in (base, steps[-1]):
         assert r["eval/reasoning_gym:chain_sum/problems"] == 8
         assert 0 <= r["eval/mean/greedy@1"] <= 1
