@@ -16,6 +16,7 @@ from megarl.plan_report import plan_sections
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
+CPU_CONFIGS = ("quickstart", "digitsum", "smollm2_arith")
 # (UP recipe, its baseline): the UP paper's three comparisons
 UP_PAIRS = [("up_gspo_30b", "gspo_30b"), ("up_dapo_14b", "dapo_14b"), ("up_grpo_8b", "grpo_8b")]
 
@@ -277,7 +278,7 @@ def test_every_recipe_fits_the_gpus_it_names(path: Path) -> None:
     c = load_config(path)
     assert c.parallel.gpu_memory_gib == 79.1
     assert c.parallel.world_size is not None
-    if path.stem in ("quickstart", "digitsum"):  # the CPU configs
+    if path.stem in CPU_CONFIGS:
         assert c.parallel.world_size == 1
     else:
         assert c.parallel.world_size % 8 == 0  # whole nodes of 8 GPUs
@@ -288,3 +289,36 @@ def test_every_recipe_fits_the_gpus_it_names(path: Path) -> None:
     assert dict(memory)["verdict"] == "fits on 79.1 GiB GPUs (parallel.gpu_memory_gib): yes"
 
 
+
+
+def _leaves(data: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items()
+                for k, v in _leaves(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): data}
+
+
+def test_the_real_model_example_scales_to_a_cluster_by_model_data_and_sizes_only() -> None:
+    """qwen3_30b_arith.yaml is smollm2_arith.yaml on 32 H100s: the same fields, and only the
+    model, the data's difficulty, the sizes and the engine differ (nothing of the CPU example
+    is special-cased in megarl)."""
+    import yaml
+
+    small, large = (_leaves(yaml.safe_load((ROOT / "examples" / "configs" / f"{n}.yaml")
+                                           .read_text())) for n in ("smollm2_arith",
+                                                                    "qwen3_30b_arith"))
+    allowed = ("model.name_or_path", "model.dtype", "model.hf_config.", "parallel.",
+               "data.reasoning_gym.", "rollout.engine", "rollout.tp", "rollout.n_samples",
+               "rollout.max_prompt_len", "rollout.max_response_len",
+               "rollout.gpu_memory_utilization", "algo.old_logprobs", "trainer.steps",
+               "trainer.prompts_per_step", "trainer.mini_batch_size",
+               "trainer.micro_batch_size", "trainer.lr", "logging.run_name")
+    differ = {k for k in small.keys() | large.keys() if small.get(k) != large.get(k)}
+    assert differ, "the two files are the same"
+    assert all(k.startswith(allowed) for k in differ), sorted(
+        k for k in differ if not k.startswith(allowed))
+    for key in ("algo.loss", "data.train", "data.eval", "data.reward", "data.template",
+                "rollout.temperature", "eval.greedy", "trainer.eval_before_train"):
+        assert small[key] == large[key], key
+    assert load_config(ROOT / "examples" / "configs" / "qwen3_30b_arith.yaml").model.dtype == \
+        "bfloat16"
