@@ -282,6 +282,27 @@ def rollout_from_output(output: Any, moe_layers: Sequence[bool] | None, num_expe
                    finish_reason=completion.finish_reason, routed_experts=aligned)
 
 
+def retie_lm_head(model: Any) -> bool:
+    """Tie the LM head to the embedding again after an in-place reload; True for a tied model.
+
+    A tied checkpoint (SmolLM2, small Qwen3s) has no LM-head tensor, so vLLM's layer-wise
+    ``reload_weights`` (0.32, 0.33) loads and re-processes the embedding only: the head keeps
+    the weights of the first load, and on the CPU also the oneDNN GEMM that
+    ``dispatch_cpu_unquantized_gemm`` prepacked from them, so every token sampled after a sync
+    came from the old (dummy) head. Re-pointing the head at the embedding and redoing its
+    weight processing (a no-op on CUDA) completes the fresh-load sequence."""
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    config = getattr(model, "config", None)
+    if head is None or embed is None or not getattr(config, "tie_word_embeddings", False):
+        return False
+    head.weight = embed.weight
+    method = getattr(head, "quant_method", None)
+    if method is not None:
+        method.process_weights_after_loading(head)
+    return True
+
+
 def repack_moe_experts(model: Any) -> int:
     """Run each fused-MoE layer's kernel-specific weight processing again; returns the layers.
 
@@ -444,13 +465,15 @@ class VLLMEngine:
 
     def update_weights(self, weights: Iterable[tuple[str, Tensor]]) -> int:
         """Load HF-named full tensors (vLLM shards them for its TP) in ONE layer-wise reload,
-        redo the MoE kernels' own weight processing (`repack_moe_experts`), then drop the
-        prefix cache computed by the old weights; returns bytes loaded."""
+        redo the MoE kernels' own weight processing (`repack_moe_experts`), tie a tied LM head
+        again (`retie_lm_head`), then drop the prefix cache computed by the old weights;
+        returns bytes loaded."""
         if not self.awake["weights"]:
             raise RuntimeError("update_weights on sleeping weights: wake_up(['weights']) first")
         counted = _Counted(weights)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(counted)})
         self.llm.apply_model(repack_moe_experts)
+        self.llm.apply_model(retie_lm_head)
         if not self.llm.reset_prefix_cache():  # also resets the routing store (R3)
             raise RuntimeError("vLLM could not reset its prefix cache after a weight update "
                                "(requests still running?)")
