@@ -14,9 +14,9 @@ chosen difficulty. megarl reads it the same way:
   (`split_of`: a hash into ``[0, 1)``, held out below ``data.held_out_fraction``), so no
   question the policy trains on is ever evaluated, whatever the seeds, sizes or stream
   positions, and even on a small problem space where the generator repeats questions. The
-  held-out stream uses ``data.reasoning_gym_seed``; the training stream that seed and
-  ``trainer.seed``, so runs with different seeds see different training orders and the same
-  benchmark.
+  held-out stream uses ``data.reasoning_gym_seed``; the training stream a hash of that seed
+  and ``trainer.seed`` (`stream_seed`), so runs with different seeds train on different
+  problems and evaluate on the same benchmark.
 * ``data.reward: reasoning_gym`` scores with the task's own ``score_answer`` on the
   response's answer (`extract_answer`).
 """
@@ -38,7 +38,6 @@ EVAL_PROBLEMS = 200  # a held-out benchmark's size when eval.max_problems is not
 # The generators are procedural: item i is a pure function of (seed, i); the size only bounds
 # iteration, which megarl does not use.
 _STREAM_SIZE = 2**31 - 1
-_TRAIN_SEED_OFFSET = 1_000_003  # the training stream's generator seed, away from held-out's
 _ANSWER_TAG = re.compile(r"<answer>\s?(.*?)\s?</answer>", re.DOTALL)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -84,6 +83,17 @@ def generator(task: str, options: Mapping[str, Any], seed: int) -> Any:
     frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
                           for k, v in options.items()))
     return _generator(task, seed, frozen)
+
+
+def stream_seed(base: int, split: str, trainer_seed: int) -> int:
+    """The generator seed of a split's stream: ``base`` for the held-out problems, a 31-bit
+    hash of ``(base, trainer_seed)`` for training. Not ``base + trainer_seed``: reasoning-gym's
+    item ``i`` of seed ``s`` is drawn from ``Random(s + i)``, so neighbouring seeds would be one
+    stream shifted by one problem, and two "seeds" of a run would train on the same data."""
+    if split != "train":
+        return base
+    digest = hashlib.sha256(f"megarl-train:{base}:{trainer_seed}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") >> 1
 
 
 def split_of(question: str, held_out_fraction: float) -> str:
@@ -195,9 +205,9 @@ def gym_source(source: str, tokenizer: Any, data: Any, *, split: str, seed: int,
                field: str = "data.train") -> GymSource:  # fmt: skip
     """A `GymSource` from the ``data`` config section (`megarl.config.DataConfig`)."""
     task = source.removeprefix(GYM_PREFIX)
-    stream_seed = data.reasoning_gym_seed + (_TRAIN_SEED_OFFSET + seed if split == "train" else 0)
     return GymSource(source, tokenizer, split=split, options=data.reasoning_gym.get(task, {}),
-                     seed=stream_seed, held_out_fraction=data.held_out_fraction,
+                     seed=stream_seed(data.reasoning_gym_seed, split, seed),
+                     held_out_fraction=data.held_out_fraction,
                      template=template, instruction=data.instruction,
                      max_prompt_len=max_prompt_len, limit=limit, field=field)
 
