@@ -32,9 +32,11 @@ _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down
 class HFEngine:
     """A transformers causal LM as a `RolloutEngine`."""
 
-    def __init__(self, model: Any, *, dtype: str = "float32", device: str | None = None) -> None:
+    def __init__(self, model: Any, *, dtype: str = "float32", device: str | None = None,
+                 max_batch: int = 256) -> None:  # fmt: skip
         import transformers
 
+        self.max_batch = max_batch
         if isinstance(model, str | Path):
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 model, dtype=getattr(torch, dtype)
@@ -66,9 +68,23 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> RolloutBatch:
+        """Up to `max_batch` sequences decode together (an evaluation's problems x k samples
+        would otherwise hold every KV cache and logit row at once); one seeded generator
+        runs through the chunks, so a call is repeatable whatever its size."""
         sampling.check()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UserError("generate: every prompt needs at least one token")
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(sampling.seed if sampling.seed is not None else
+                              int(torch.randint(0, 2**62, ()).item()))
+        rollouts: list[Rollout] = []
+        for start in range(0, len(prompts), self.max_batch):
+            rollouts += self._generate(prompts[start:start + self.max_batch], sampling,
+                                       generator)
+        return RolloutBatch(rollouts)
+
+    def _generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams,
+                  generator: torch.Generator) -> list[Rollout]:  # fmt: skip
         from transformers import DynamicCache
 
         b, width = len(prompts), max(len(p) for p in prompts)
@@ -79,9 +95,6 @@ class HFEngine:
             mask[i, width - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(sampling.seed if sampling.seed is not None else
-                              int(torch.randint(0, 2**62, ()).item()))
         stop = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else
                                                set(self.eos_token_ids))
         self._captured = []
@@ -122,7 +135,7 @@ class HFEngine:
                 logprobs=torch.tensor(logps[i], dtype=torch.float32),
                 finish_reason=finish[i] or "length", routed_experts=routes,
             ))  # fmt: skip
-        return RolloutBatch(rollouts)
+        return rollouts
 
     @torch.no_grad()
     def update_weights(self, weights: Iterable[tuple[str, Tensor]]) -> int:

@@ -122,3 +122,20 @@ def test_temperature_zero_is_greedy_whatever_the_seed(engine: HFEngine) -> None:
         torch.testing.assert_close(a.logprobs, expected[:, 0], atol=1e-5, rtol=1e-5)
     with pytest.raises(Exception, match="rollout.temperature"):
         SamplingParams(temperature=-1.0).check()
+
+
+def test_large_calls_decode_in_chunks_with_the_same_results(engine: HFEngine) -> None:
+    """`max_batch` bounds the rows decoded together (memory); greedy answers do not depend on
+    it and a seeded call repeats itself."""
+    prompts = PROMPTS * 3
+    greedy = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    whole = engine.generate(prompts, greedy).rollouts
+    small = HFEngine(engine.model, device="cpu", max_batch=2)
+    chunked = small.generate(prompts, greedy).rollouts
+    assert [r.response_ids.tolist() for r in chunked] == [r.response_ids.tolist() for r in whole]
+    for a, b in zip(chunked, whole, strict=True):
+        torch.testing.assert_close(a.routed_experts.long().sort(-1).values,
+                                   b.routed_experts.long().sort(-1).values)
+    sampled = SamplingParams(max_tokens=4, seed=11, ignore_eos=True)
+    first, again = (small.generate(prompts, sampled).rollouts for _ in range(2))
+    assert [r.response_ids.tolist() for r in first] == [r.response_ids.tolist() for r in again]
