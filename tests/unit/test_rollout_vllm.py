@@ -131,8 +131,9 @@ def test_sampling_kwargs() -> None:
     assert kw["stop_token_ids"] == [2, 5] and kw["logprobs"] == 0 and kw["n"] == 1
     assert kw["detokenize"] is False and kw["temperature"] == 0.7 and kw["seed"] == 3
     assert sampling_kwargs(SamplingParams(top_k=20))["top_k"] == 20
+    assert sampling_kwargs(SamplingParams(temperature=0.0))["temperature"] == 0.0  # greedy
     with pytest.raises(ConfigError, match="rollout.temperature"):
-        sampling_kwargs(SamplingParams(temperature=0.0))
+        sampling_kwargs(SamplingParams(temperature=-0.5))
 
 
 def _routes(rows: int, layers: int, seed: int = 0) -> np.ndarray:
