@@ -24,7 +24,8 @@ from megarl.errors import UserError
 from megarl.report import FIGURES, matching, read_metrics
 
 # the columns of summary.md, in order (fnmatch patterns; a column shows when a run logs it)
-TABLE = ("reward/mean", "eval/mean/avg@1", "eval/mean/pass@*", "eval/mean/maj@*",
+TABLE = ("reward/mean", "eval/mean/greedy@1", "eval/mean/avg@1", "eval/mean/pass@*",
+         "eval/mean/maj@*",
          "reward/distinct_correct", "response/distinct_answers_frac", "entropy/mean", "kl/ref_mean",
          "kl/old_k3", "clip/frac", "up/cap_pos", "train/grad_norm", "response/length_mean")
 

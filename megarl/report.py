@@ -37,7 +37,8 @@ class Figure:
 
 FIGURES: tuple[Figure, ...] = (
     Figure("Reward and eval accuracy", "reward.png",
-           ("reward/mean", "reward/accuracy", "actor/reward*", "eval/*/avg@*"), "reward / acc"),
+           ("reward/mean", "reward/accuracy", "actor/reward*", "eval/*/avg@*",
+            "eval/*/greedy@*"), "reward / acc"),
     Figure("Eval pass@k and maj@k", "eval_pass_maj.png", ("eval/*/pass@*", "eval/*/maj@*"),
            "accuracy"),
     Figure("Entropy", "entropy.png", ("entropy/mean", "actor/entropy*"), "nats / token"),
