@@ -38,6 +38,7 @@ EVAL_PROBLEMS = 200  # a held-out benchmark's size when eval.max_problems is not
 # The generators are procedural: item i is a pure function of (seed, i); the size only bounds
 # iteration, which megarl does not use.
 _STREAM_SIZE = 2**31 - 1
+_REPEATS_BEFORE_DONE = 20_000  # held-out draws with no new question: the split is exhausted
 _ANSWER_TAG = re.compile(r"<answer>\s?(.*?)\s?</answer>", re.DOTALL)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -173,16 +174,20 @@ class GymSource:
         return out
 
     def __iter__(self) -> Iterator[PromptItem]:
-        """The first ``limit`` distinct problems of the split, from the stream's start; does not
-        move the training position."""
+        """The first ``limit`` distinct problems of the split, from the stream's start (all of
+        them, when a small problem space holds fewer: `_REPEATS_BEFORE_DONE` draws in a row
+        bring nothing new); does not move the training position."""
         saved, self.position = self.position, 0
         seen: set[str] = set()
+        repeats = 0
         try:
-            while len(seen) < (self.limit or EVAL_PROBLEMS):
+            while len(seen) < (self.limit or EVAL_PROBLEMS) and repeats < _REPEATS_BEFORE_DONE:
                 index, entry = self._next()
                 if entry["question"] in seen:
+                    repeats += 1
                     continue
                 seen.add(entry["question"])
+                repeats = 0
                 item = self._item(index, entry)
                 if item is not None:
                     yield item

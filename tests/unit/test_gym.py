@@ -90,6 +90,14 @@ def test_prompts_carry_the_chat_template_and_the_generator_options(tokenizer) ->
     assert len(gold.entry["metadata"]["expression"].split()) == 3  # two terms
 
 
+def test_a_small_problem_space_gives_every_held_out_problem_once(tokenizer) -> None:
+    """One-digit sums: 200 problems, ~20 held out; asking for 60 gives those and stops."""
+    cfg = config(reasoning_gym={"chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1,
+                                              "max_digits": 1}})
+    held_out = [p.prompt_text for p in load_benchmark(cfg, tokenizer, TASK).prompts]
+    assert 5 < len(held_out) < 60 and len(set(held_out)) == len(held_out)
+
+
 def test_prompts_over_the_length_limit_are_skipped_and_counted(tokenizer) -> None:
     cfg = config(instruction="x " * 40)
     cfg.rollout.max_prompt_len = 30
