@@ -64,7 +64,8 @@ def generation(engine: Any, prompts: list[list[int]], args: argparse.Namespace, 
         times, tokens = [], []
         for i in range(args.iters + 1):  # the first batch warms up
             params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
-                                    stop_token_ids=(eos,), ignore_eos=mode == "fixed", seed=i)
+                                    stop_token_ids=() if mode == "fixed" else (eos,),
+                                    ignore_eos=mode == "fixed", seed=i)
             start = time.perf_counter()
             rollouts = engine.generate(prompts, params).rollouts
             if i:
