@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from megarl.config import Config
+from megarl.data.gym import is_gym
 from megarl.data.prompts import check_source, looks_like_path
 from megarl.data.toy import ToySource, is_toy, leading_answer, toy_reward, toy_task, toy_tokenizer
 from megarl.errors import ConfigError, UserError
@@ -26,7 +27,7 @@ def build_tokenizer(config: Config) -> Any:
     import transformers
 
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(Path(name).expanduser()))
+        return transformers.AutoTokenizer.from_pretrained(name)
     except OSError as e:
         raise UserError(f"model.tokenizer={name!r}: cannot load a tokenizer ({e})") from None
 
@@ -40,9 +41,9 @@ def build_prompt_source(config: Config, tokenizer: Any, source: str | None = Non
     source = source or config.data.train
     if is_toy(source):
         return ToySource(source, tokenizer, config.trainer.seed)
-    from megarl.data.gym import gym_source, is_gym
-
     if is_gym(source):
+        from megarl.data.gym import gym_source
+
         return gym_source(source, tokenizer, config.data, split="test" if split == "test"
                           else "train", seed=config.trainer.seed, template=config.data.template,
                           max_prompt_len=config.rollout.max_prompt_len,
@@ -206,8 +207,8 @@ def check_paths(config: Config, *, evaluation: bool = False,
         _check_data(config.data.train, "data.train")
     if evaluation or config.trainer.eval_every or config.trainer.eval_before_train:
         for entry in config.data.eval:
-            _check_data(entry if is_toy(entry) or entry.startswith("reasoning_gym:")
-                        else split_source(entry)[0], "data.eval")
+            _check_data(entry if is_toy(entry) or is_gym(entry) else split_source(entry)[0],
+                        "data.eval")
     if not evaluation:
         _check_resume(config.checkpoint.resume)
 
@@ -268,7 +269,7 @@ def _check_tokenizer(config: Config) -> None:
 def _check_data(source: str, field: str) -> None:
     if is_toy(source):
         toy_task(source, field)
-    elif source.startswith("reasoning_gym:"):
+    elif is_gym(source):
         from megarl.data.gym import gym_task
 
         gym_task(source, field)

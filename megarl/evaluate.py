@@ -23,7 +23,7 @@ from megarl.assemble import (
 )
 from megarl.config import Config
 from megarl.errors import UserError
-from megarl.eval_metrics import ProblemResult, summarise
+from megarl.eval_metrics import ProblemResult
 from megarl.rollout.engine import RolloutEngine, SamplingParams
 from megarl.rollout.groups import generate_across_groups
 
@@ -106,9 +106,6 @@ class Evaluator:
         golds = [p.answer for p in bench.prompts for _ in range(k)]
         rewards, _ = self.rewards(texts, golds)
         return texts, [self.rewards.answer_of(t) for t in texts], [r > 0.5 for r in rewards]
-
-    def run(self, engine: RolloutEngine) -> dict[str, dict[str, float]]:
-        return summarise(self.results(engine), self.config.eval.reported_ks())
 
 
 def evaluate_checkpoint(config: Config, checkpoint: str | Path | None) -> list[ProblemResult]:

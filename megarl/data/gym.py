@@ -236,12 +236,11 @@ def extract_answer(response: str) -> str | None:
     return numbers[-1].rstrip(".") if numbers else None
 
 
-def gym_score(response: str, gold: str) -> float:
-    """The task's own ``score_answer`` of `extract_answer`'s answer (0 with no answer)."""
+def gym_score(answer: str | None, gold: str) -> float:
+    """The task's own ``score_answer`` of a response's answer (0 with no answer)."""
     if not isinstance(gold, GymGold):
         raise UserError("data.reward=reasoning_gym scores reasoning_gym:<task> data only; use "
                         "data.reward=math for other datasets")
-    answer = extract_answer(response)
     if answer is None:
         return 0.0
     # the scorer is the generator's own method (some read its options); the seed is not used
@@ -252,10 +251,8 @@ def gym_score(response: str, gold: str) -> float:
 def gym_rewards(responses: Sequence[str], golds: Sequence[Any]) -> tuple[list[float],
                                                                           dict[str, float]]:
     """Rewards for a batch and ``reward/no_answer`` (the fraction with nothing to score)."""
-    rewards = []
-    for response, gold in zip(responses, golds, strict=True):
-        gold = gold[0] if isinstance(gold, tuple) else gold
-        rewards.append(gym_score(response, gold))
-    n = max(len(responses), 1)
-    missing = sum(extract_answer(r) is None for r in responses)
-    return rewards, {"reward/no_answer": missing / n}
+    answers = [extract_answer(r) for r in responses]
+    rewards = [gym_score(a, g[0] if isinstance(g, tuple) else g)
+               for a, g in zip(answers, golds, strict=True)]
+    missing = sum(a is None for a in answers)
+    return rewards, {"reward/no_answer": missing / max(len(responses), 1)}
